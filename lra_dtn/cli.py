@@ -1,0 +1,139 @@
+"""Command line: ``train`` (the default), ``generate``, ``table`` and ``sweep``.
+
+``run_lra.py --task listops --model bigbird --norm dtn`` trains one run;
+``run_lra.py generate listops --out DIR`` writes a generated data set in the official layout;
+``run_lra.py table --out DIR`` rebuilds the results table from the run JSONs under DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lra_dtn.config import Preset
+from lra_dtn.data import DataError
+from lra_dtn.norms import NORMS
+from models import MODELS
+from tasks import TASKS
+
+SUBCOMMANDS = ("train", "generate", "table", "sweep")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``sweep``."""
+    parser.add_argument("--preset", default=Preset.cpu.value, choices=[p.value for p in Preset],
+                        help="official: the LRA config of the task; cpu: learns on 2 CPU cores in minutes "
+                             "(smaller model, shorter generated data where noted); smoke: seconds, for CI "
+                             "(default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding the LRA files (see README); generated tasks write there "
+                             "(default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="tokenized-data cache (default: DATA_DIR/.lra_dtn_cache)")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="output folder: runs/<run>/ (checkpoint, result.json), tb/ (TensorBoard), "
+                             "results.csv and results.md (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps (replaces the preset's; the schedule follows)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch size, split over processes and --grad-accum")
+    parser.add_argument("--grad-accum", type=int, default=None,
+                        help="split each batch into this many sequential micro-batches (saves memory)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="bf16 autocast (GPUs); DTN statistics stay in float32 (default: fp32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: one GPU per process)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                        help="change any config field, e.g. --set model.num_layers=2 --set train.lr=1e-3 "
+                             "--set data.max_length=4000 (repeatable); the run id gets a hash of the change")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def cli_settings(args: argparse.Namespace) -> list[str]:
+    """The shortcut flags as ``--set`` entries, so every change flows through one path."""
+    flags = {"train.steps": args.max_steps, "train.batch_size": args.batch_size,
+             "train.grad_accum": args.grad_accum, "train.precision": args.precision}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_lra.py", description="Long-Range Arena with pluggable normalizers (LayerNorm vs DTN).",
+        epilog="Subcommands: train (default), generate, table, sweep. `run_lra.py SUBCOMMAND --help` for each.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train and evaluate one run")
+    train.add_argument("--task", required=True, choices=TASKS.names(), help="LRA task")
+    train.add_argument("--model", required=True, choices=MODELS.names(), help="encoder")
+    train.add_argument("--norm", default="ln", choices=NORMS.names(), help="normalizer in every norm slot")
+    train.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run from its last checkpoint in --out (a finished run is reported)")
+    train.add_argument("--overwrite", action="store_true", help="restart a run that already has files in --out")
+    add_common(train)
+
+    gen = sub.add_parser("generate", help="generate a task's data in the official file layout")
+    gen.add_argument("task", choices=[n for n in TASKS.names() if TASKS.get(n).generated])
+    gen.add_argument("--out", type=Path, required=True, help="folder to write")
+    gen.add_argument("--preset", default=Preset.official.value, choices=[p.value for p in Preset],
+                     help="whose data settings to generate (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None, help="generator seed (default: the preset's)")
+    gen.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                     help="change a data setting, e.g. --set num_train=1000")
+    gen.add_argument("--workers", type=int, default=2, help="processes (default: %(default)s)")
+
+    table = sub.add_parser("table", help="rebuild results.csv / results.md from the run JSONs under --out")
+    table.add_argument("--out", type=Path, default=Path("results"))
+
+    from lra_dtn import sweep
+
+    sweep.add_arguments(sub.add_parser("sweep", help="the LN-vs-DTN grid: tasks x models x norms x seeds"))
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lra_dtn.engine import train
+    from lra_dtn.specs import make_spec
+
+    spec = make_spec(args.task, args.model, args.norm, args.preset, args.seed, cli_settings(args))
+    result = train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,
+                   device=args.device, progress=args.progress)
+    print(f"{result['run_id']}: test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}), "
+          f"{result['sec_per_step'] * 1000:.1f} ms/step; table: {args.out / 'results.md'}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lra_dtn.specs import apply_settings
+
+    task = TASKS.get(args.task)()
+    _, _, options = task.spec(Preset(args.preset), "transformer")
+    settings = dict(s.split("=", 1) for s in args.settings if "=" in s)
+    if args.seed is not None:
+        settings["seed"] = str(args.seed)
+    options = apply_settings(options, settings, "data")
+    folder = task.generate(args.out, options, workers=args.workers)
+    print(f"wrote {folder} ({task.describe(options)})")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from lra_dtn.results import update_tables
+
+    update_tables(args.out)
+    print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]  # `run_lra.py --task ...` means `run_lra.py train --task ...`
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "generate": cmd_generate, "table": cmd_table}.get(args.command)
+    try:
+        if handler is None:
+            from lra_dtn import sweep
+
+            sweep.main(args)
+        else:
+            handler(args)
+    except (DataError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.exit(f"error: {message}")

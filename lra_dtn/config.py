@@ -1,0 +1,90 @@
+"""Run configuration as dataclasses.
+
+The official LRA numbers are written once, in each task module (``tasks/<name>.py``), as instances
+of these classes with the config file they come from cited beside them; presets derive from them
+with :func:`dataclasses.replace`. Everything here is plain data so a run's JSON holds all of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Preset(str, enum.Enum):
+    """``official``: the LRA config of the task; ``cpu``: learns on 2 CPU cores in minutes;
+    ``smoke``: seconds on a CPU, for CI."""
+
+    smoke = "smoke"
+    cpu = "cpu"
+    official = "official"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder and head. Defaults are the official ``TransformerEncoder`` defaults (spec §6)."""
+
+    vocab_size: int
+    num_classes: int
+    max_len: int
+    num_layers: int
+    emb_dim: int
+    qkv_dim: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    pooling: str = "cls"  # "cls" (prepended learned token) | "mean" (over real tokens)
+    pos_emb: str = "sinusoidal"  # "sinusoidal" | "learned"
+    dual_head: str = "concat"  # Retrieval only: "concat" = [u, v] (official), "nli" = [u, v, u*v, u-v]
+    # BigBird (LRA models/bigbird/bigbird_attention.py: _DEFAULT_BLOCK_SIZE, num_rand_blocks defaults).
+    block_size: int = 64
+    num_random_blocks: int = 3
+    # Reformer (LRA models/reformer/reformer.py ReformerAttention defaults, spec §7.4).
+    n_hashes: int = 1
+    n_buckets: int = 10
+    reformer_faithful: bool = False  # True: the official sqrt(d)-multiplied logits, mask ignored
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and loop. AdamW(0.9, 0.98, 1e-9) as Flax Adam with decoupled decay (§6)."""
+
+    batch_size: int
+    steps: int
+    lr: float
+    schedule: str  # "rsqrt": constant*linear_warmup*rsqrt_decay; "cosine": constant*linear_warmup*cosine_decay
+    warmup: int
+    weight_decay: float
+    grad_clip: float | None = None
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    grad_accum: int = 1
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast on CUDA / CPU)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run's numbers. ``data`` is the task's own data dataclass."""
+
+    task: str
+    model_name: str
+    norm: str
+    preset: str
+    seed: int
+    model: ModelConfig
+    train: TrainConfig
+    data: Any = field(default=None)
+    variant: str = ""  # a short hash of any settings changed from the preset, "" for the preset itself
+
+    @property
+    def run_id(self) -> str:
+        """Folder name of the run: unique per task, encoder, norm, preset, seed and changed settings."""
+        suffix = f"-{self.variant}" if self.variant else ""
+        return f"{self.task}-{self.model_name}-{self.norm}-{self.preset}-s{self.seed}{suffix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

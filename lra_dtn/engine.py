@@ -1,0 +1,267 @@
+"""Training, evaluation, checkpoints and the run's result JSON.
+
+One run = one :class:`~lra_dtn.config.RunSpec`. Its files live in ``OUT/runs/<run_id>/``
+(``checkpoint.pt``, ``result.json``) and its TensorBoard scalars in ``OUT/tb/<run_id>/``. The
+batch of every step is a pure function of (seed, step) and the checkpoint holds the RNG states, so
+a run resumed from its last checkpoint ends with the same numbers as one never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lra_dtn import distributed, results
+from lra_dtn.config import RunSpec
+from lra_dtn.data import Batch, collate, eval_order, train_indices
+from lra_dtn.optim import build_optimizer, learning_rate
+from models import build_model
+from tasks import TASKS
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RunExistsError(RuntimeError):
+    """A run folder already holds a checkpoint or result and neither resume nor overwrite was asked."""
+
+
+def run_dir(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / "runs" / spec.run_id
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill mid-write keeps the previous one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "datasets", "einops", "reformer-pytorch", "lra-dtn"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[pkg] = importlib.metadata.version(pkg)
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (with ``+dirty`` for uncommitted changes), if in a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak CUDA allocation on GPU; on CPU the process's peak resident set (all it ever held)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "cpu_peak_rss"
+
+
+def norm_summary(model: nn.Module) -> dict[str, dict[str, list]]:
+    """The learned DTN parameters of every norm slot, for the gates/windows figure."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "gate_var") and hasattr(module, "pos_proj"):
+            found[name] = {
+                "gate_mean": torch.sigmoid(module.gate_mean).tolist() if getattr(module, "gate_mean", None) is not None else None,
+                "gate_var": torch.sigmoid(module.gate_var).tolist(),
+                "pos_weight": module.pos_proj.weight.tolist(),
+            }
+    return found
+
+
+def loss_and_correct(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(*batch.inputs()).float()
+    return F.cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, batch_size: int, ctx: distributed.DistContext, precision: str,
+             mask_zero_tokens: bool) -> dict[str, float]:
+    """Accuracy and loss on every example of a split (no dropped remainder), sharded over ranks."""
+    was_training = model.training
+    model.eval()
+    order = eval_order(np.asarray(dataset["length"]))
+    shard = np.array_split(order, ctx.world_size)[ctx.rank]
+    loss_sum = correct = 0.0
+    for start in range(0, len(shard), batch_size):
+        batch = collate(dataset, shard[start : start + batch_size], mask_zero_tokens).to(ctx.device)
+        with autocast(precision, ctx.device):
+            loss, right = loss_and_correct(model, batch)
+        loss_sum += loss.item() * len(batch)
+        correct += right.item()
+    loss_sum, correct, count = distributed.all_reduce_sum(ctx, [loss_sum, correct, float(len(shard))])
+    model.train(was_training)
+    return {"acc": correct / count, "loss": loss_sum / count, "n": int(count)}
+
+
+def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = None, resume: bool = False,
+          overwrite: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Train one run to ``spec.train.steps``, evaluate on test, write its JSON; return the result.
+
+    ``resume``: continue from the run's checkpoint (or return its result if it already finished).
+    ``overwrite``: start afresh even if the run folder holds an earlier checkpoint or result."""
+    ctx = distributed.init(device)
+    folder = run_dir(out, spec)
+    ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / results.RESULT_FILE
+    if not (resume or overwrite) and (ckpt_path.exists() or result_path.exists()):
+        raise RunExistsError(f"{folder} already holds a run; pass --resume to continue it or --overwrite to restart")
+    if resume and result_path.exists():
+        return json.loads(result_path.read_text())
+
+    cfg = spec.train
+    if cfg.batch_size % (ctx.world_size * cfg.grad_accum):
+        raise ValueError(f"batch size {cfg.batch_size} must be divisible by processes x grad_accum = "
+                         f"{ctx.world_size} x {cfg.grad_accum}")
+    task = TASKS.get(spec.task)()
+    cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".lra_dtn_cache"
+    if not ctx.is_main:  # rank 0 generates and tokenizes once; the others read its cache
+        distributed.barrier(ctx)
+    splits = task.load(Path(data_dir), spec.data, cache_dir)
+    if ctx.is_main:
+        distributed.barrier(ctx)
+    mask_zero = spec.data.mask_zero_tokens
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model_name, spec.model, spec.norm, seed=spec.seed, dual=task.dual).to(ctx.device)
+    optimizer = build_optimizer(model, cfg)
+    state = {"step": 0, "train_seconds": 0.0, "history": []}
+    if overwrite and ctx.is_main:
+        ckpt_path.unlink(missing_ok=True)
+        result_path.unlink(missing_ok=True)
+        shutil.rmtree(Path(out) / "tb" / spec.run_id, ignore_errors=True)
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
+        if ckpt["spec"] != spec.to_dict():
+            raise ValueError(f"{ckpt_path} was written by a different config; use a new --out or --overwrite")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"][ctx.rank % len(ckpt["rng"])])
+        state = ckpt["state"]
+    else:
+        torch.manual_seed(spec.seed * 1000 + ctx.rank)  # dropout stream, distinct per rank
+    num_params = sum(p.numel() for p in model.parameters())
+    ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(Path(out) / "tb" / spec.run_id), purge_step=state["step"] or None)
+    bar = None
+    if ctx.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc=spec.run_id, dynamic_ncols=True, mininterval=1.0)
+
+    def checkpoint() -> None:
+        rngs = [torch.get_rng_state()] * ctx.world_size
+        if ctx.world_size > 1:
+            torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+        if ctx.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt_path, {"spec": spec.to_dict(), "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "rng": rngs, "state": state})
+
+    train_set = splits["train"]
+    micro = cfg.batch_size // (ctx.world_size * cfg.grad_accum)
+    ddp.train()
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        started = time.perf_counter()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = train_indices(step, len(train_set), cfg.batch_size, spec.seed)
+        mine = indices[ctx.rank * micro * cfg.grad_accum : (ctx.rank + 1) * micro * cfg.grad_accum]
+        loss_sum = correct = 0.0
+        for k in range(cfg.grad_accum):
+            batch = collate(train_set, mine[k * micro : (k + 1) * micro], mask_zero).to(ctx.device)
+            sync = ddp.no_sync() if ctx.world_size > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, autocast(cfg.precision, ctx.device):
+                loss, right = loss_and_correct(ddp, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            correct += right.item()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"{spec.run_id}: loss is {loss_sum} at step {step}")
+        state["train_seconds"] += time.perf_counter() - started
+        state["step"] = step = step + 1
+        if writer is not None:
+            writer.add_scalar("train/loss", loss_sum, step)
+            writer.add_scalar("train/acc", correct / (micro * cfg.grad_accum), step)
+            writer.add_scalar("train/lr", lr, step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / (micro * cfg.grad_accum):.2f}",
+                            sps=f"{step / max(state['train_seconds'], 1e-9):.1f}", refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = evaluate(ddp, splits["val"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+            state["history"].append({"step": step, "val_acc": val["acc"], "val_loss": val["loss"]})
+            if writer is not None:
+                writer.add_scalar("val/acc", val["acc"], step)
+                writer.add_scalar("val/loss", val["loss"], step)
+            if bar is not None:
+                bar.write(f"[{spec.run_id}] step {step}: val acc {val['acc']:.4f} loss {val['loss']:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+
+    test = evaluate(ddp, splits["test"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+    memory, memory_kind = peak_memory_mb(ctx.device)
+    last_val = state["history"][-1] if state["history"] else {}
+    result = {
+        "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,
+        "preset": spec.preset, "seed": spec.seed, "config": spec.to_dict(), "data": task.describe(spec.data),
+        "val_acc": last_val.get("val_acc"), "test_acc": test["acc"], "test_loss": test["loss"], "test_n": test["n"],
+        "steps": state["step"], "sec_per_step": state["train_seconds"] / max(state["step"], 1),
+        "train_seconds": state["train_seconds"], "peak_mem_mb": memory, "peak_mem_kind": memory_kind,
+        "params": num_params, "device": str(ctx.device), "world_size": ctx.world_size,
+        "history": state["history"], "norm_params": norm_summary(model), "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    if writer is not None:
+        writer.add_scalar("test/acc", test["acc"], state["step"])
+        writer.close()
+    if ctx.is_main:
+        results.write_json(result_path, result)
+        results.update_tables(Path(out))
+    distributed.barrier(ctx)
+    return result

@@ -1,0 +1,79 @@
+"""From CLI names to a :class:`~lra_dtn.config.RunSpec`: task preset + encoder + norm + overrides."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any
+
+from lra_dtn.config import ModelConfig, Preset, RunSpec, TrainConfig
+from lra_dtn.norms import NORMS
+from models import MODELS
+from tasks import TASKS
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def parse_value(text: str, kind: Any) -> Any:
+    """``"3"`` -> 3 for an int field, ``"none"`` -> None for an optional one, and so on."""
+    kind_str = str(kind)
+    if text.lower() in ("none", "null") and ("None" in kind_str or "Optional" in kind_str):
+        return None
+    if "bool" in kind_str:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if "tuple" in kind_str:
+        return tuple(float(v) for v in text.split(","))
+    for cast in (int, float):
+        if cast.__name__ in kind_str:
+            return cast(text)
+    return text
+
+
+def apply_settings(section: Any, settings: dict[str, str], where: str) -> Any:
+    """``dataclasses.replace`` from ``name=value`` strings, rejecting unknown names with the list."""
+    if not settings:
+        return section
+    hints = typing.get_type_hints(type(section))
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        raise KeyError(f"unknown {where} setting(s) {', '.join(unknown)}; valid: {', '.join(hints)}")
+    return dataclasses.replace(section, **{k: parse_value(v, hints[k]) for k, v in settings.items()})
+
+
+def split_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["train.lr=1e-3", "data.num_train=500"]`` -> ``{"train": {"lr": "1e-3"}, "data": {...}}``."""
+    out: dict[str, dict[str, str]] = {"model": {}, "train": {}, "data": {}}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in out:
+            raise ValueError(f"--set {pair!r}: expected model.NAME=VALUE, train.NAME=VALUE or data.NAME=VALUE")
+        out[section][name] = value
+    return out
+
+
+def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cpu, seed: int = 0,
+              settings: list[str] | None = None) -> RunSpec:
+    """The preset's config for (task, model), with ``section.name=value`` settings applied on top."""
+    task_cls = TASKS.get(task)
+    MODELS.get(model)
+    NORMS.get(norm)
+    preset = Preset(preset)
+    base = task_cls().spec(preset, model)
+    changes = split_settings(settings or [])
+    model_cfg, train_cfg, data_opts = (apply_settings(section, changes[name], name)
+                                       for section, name in zip(base, ("model", "train", "data")))
+    return RunSpec(task=task, model_name=model, norm=norm, preset=preset.value, seed=seed, model=model_cfg,
+                   train=train_cfg, data=data_opts, variant=variant_of(base, (model_cfg, train_cfg, data_opts)))
+
+
+def variant_of(base: tuple, resolved: tuple) -> str:
+    """``""`` when the resolved config is the preset's, else a short hash of the changed fields."""
+    changed = {f"{type(b).__name__}.{k}": v for b, r in zip(base, resolved)
+               for k, v in dataclasses.asdict(r).items() if getattr(b, k) != getattr(r, k)}
+    if not changed:
+        return ""
+    return "x" + hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:6]

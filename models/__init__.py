@@ -1,0 +1,9 @@
+"""Encoders: one module per attention, all sharing :mod:`models.blocks`.
+
+``MODELS`` maps a ``--model`` name to its attention class; :func:`build_model` wraps it in the
+shared encoder, pooling and head, with the normalizer injected by registry name.
+"""
+from models.blocks import MODELS, build_model
+from models import transformer, bigbird, reformer  # noqa: F401  (register the encoders)
+
+__all__ = ["MODELS", "build_model"]

@@ -1,0 +1,5 @@
+"""The LRA tasks, one module each, registered in :data:`TASKS` by name."""
+from tasks.base import TASKS, DataOptions, Task
+from tasks import listops  # noqa: F401  (registers the tasks)
+
+__all__ = ["TASKS", "DataOptions", "Task"]

@@ -1,0 +1,76 @@
+"""What every task module provides, and the registry that ``--task`` picks from.
+
+A task module (``tasks/<name>.py``) defines one :class:`Task` subclass registered in :data:`TASKS`.
+It holds the task's official LRA config (cited), derives the ``cpu`` and ``smoke`` presets from it,
+knows where its files live under ``--data-dir``, reads and tokenizes them exactly as the official
+pipeline, and, for ListOps and Pathfinder, can generate them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.data import DataError, cached_splits, file_fingerprint
+from lra_dtn.registry import Registry
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Per-task data parameters; each task subclasses this with its own fields.
+
+    ``mask_zero_tokens``: the official image-task quirk of treating token 0 as padding (§6)."""
+
+    mask_zero_tokens: bool = False
+
+
+class Task:
+    """Base class of the tasks. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    dual: ClassVar[bool] = False  # two documents per example (Retrieval)
+    generated: ClassVar[bool] = False  # can write its own data (ListOps, Pathfinder)
+    tokenizer_version: ClassVar[int] = 1  # bump when tokenization changes: invalidates caches
+
+    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, DataOptions]:
+        """The model, training and data config of ``preset`` for encoder ``model``."""
+        raise NotImplementedError
+
+    def source_files(self, data_dir: Path, options: DataOptions) -> list[Path]:
+        """The raw files the splits are read from; raises :class:`DataError` naming what is missing
+        and where it comes from. Generating tasks create missing data here instead."""
+        raise NotImplementedError
+
+    def read(self, data_dir: Path, options: DataOptions) -> dict[str, Iterable[dict[str, Any]]]:
+        """``{"train"|"val"|"test": examples}``, each ``{"input_ids", "label"[, "input_ids2"]}``."""
+        raise NotImplementedError
+
+    def generate(self, out_dir: Path, options: DataOptions, workers: int = 1) -> Path:
+        """Write the task's data in the official layout into ``out_dir`` (generated tasks only)."""
+        raise DataError(f"{self.name} data cannot be generated; see the README for where to get it")
+
+    def describe(self, options: DataOptions) -> str:
+        """One line for the results table on what data ran (e.g. 'generated, lengths 50-200')."""
+        return "official"
+
+    def load(self, data_dir: Path, options: DataOptions, cache_dir: Path) -> dict[str, Any]:
+        """Tokenized splits, from the cache when every parameter and source file is unchanged."""
+        sources = self.source_files(Path(data_dir), options)
+        params = {
+            "task": self.name,
+            "tokenizer": self.tokenizer_version,
+            "options": options,
+            "sources": file_fingerprint(sources),
+        }
+        return cached_splits(Path(cache_dir), self.name, params, lambda: self.read(Path(data_dir), options))
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def require(path: Path, what: str) -> Path:
+    """``path`` if it exists, else a :class:`DataError` saying what was expected and from where."""
+    if not path.exists():
+        raise DataError(f"missing {path}: expected {what}")
+    return path
