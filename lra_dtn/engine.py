@@ -81,6 +81,15 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the run's peak-memory count afresh: a sweep trains many runs in one process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # "5" resets the peak resident set (VmHWM, ru_maxrss); Linux >= 4.0
+            Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """Peak CUDA allocation on GPU; on CPU the process's peak resident set (all it ever held)."""
     if device.type == "cuda":
@@ -154,6 +163,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         distributed.barrier(ctx)
     mask_zero = spec.data.mask_zero_tokens
 
+    reset_peak_memory(ctx.device)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model_name, spec.model, spec.norm, seed=spec.seed, dual=task.dual).to(ctx.device)
     optimizer = build_optimizer(model, cfg)
@@ -237,8 +247,9 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
             if writer is not None:
                 writer.add_scalar("val/acc", val["acc"], step)
                 writer.add_scalar("val/loss", val["loss"], step)
-            if bar is not None:
-                bar.write(f"[{spec.run_id}] step {step}: val acc {val['acc']:.4f} loss {val['loss']:.4f}")
+            if ctx.is_main:
+                line = f"[{spec.run_id}] step {step}: val acc {val['acc']:.4f} loss {val['loss']:.4f}"
+                bar.write(line) if bar is not None else print(line, flush=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
     if bar is not None:

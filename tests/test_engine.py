@@ -1,0 +1,135 @@
+"""The training engine: learning, exact resume, reproducibility, schedules, optimizer groups, CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lra_dtn import engine
+from lra_dtn.cli import main
+from lra_dtn.config import TrainConfig
+from lra_dtn.data import collate, train_indices
+from lra_dtn.optim import build_optimizer, learning_rate, param_groups
+from lra_dtn.specs import make_spec
+from models import build_model
+from tasks import TASKS
+
+SETTINGS = ["train.steps=8", "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=8",
+            "data.num_train=64", "data.num_val=16", "data.num_test=24"]
+
+
+def smoke_spec(*extra: str, norm: str = "ln"):
+    return make_spec("listops", "transformer", norm, "smoke", seed=0, settings=SETTINGS + list(extra))
+
+
+def test_loss_goes_down_on_a_tiny_task(tmp_path):
+    spec = smoke_spec()
+    splits = TASKS.get("listops")().load(tmp_path / "data", spec.data, tmp_path / "cache")
+    batch = collate(splits["train"], train_indices(0, len(splits["train"]), 16, 0))
+    torch.manual_seed(0)
+    model = build_model("transformer", spec.model, "ln")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(*batch.inputs()), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def run(tmp_path, name, **kwargs):
+    return engine.train(smoke_spec(), tmp_path / name, tmp_path / "data", tmp_path / "cache", progress=False,
+                        **kwargs)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = run(tmp_path, "full")
+    saved = engine.save_checkpoint
+
+    def crash_after_first_save(path, state):
+        saved(path, state)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(engine, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut")
+    assert not (tmp_path / "cut" / "runs" / full["run_id"] / "result.json").exists()
+    monkeypatch.setattr(engine, "save_checkpoint", saved)
+    with pytest.raises(engine.RunExistsError, match="--resume"):
+        run(tmp_path, "cut")
+    resumed = run(tmp_path, "cut", resume=True)
+    for key in ("test_acc", "test_loss", "val_acc", "history", "steps"):
+        assert resumed[key] == full[key], key
+    a = torch.load(tmp_path / "full" / "runs" / full["run_id"] / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "runs" / full["run_id"] / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run asked to resume is reported, not retrained.
+    assert run(tmp_path, "cut", resume=True)["test_loss"] == full["test_loss"]
+
+
+def test_a_run_writes_its_json_and_table(tmp_path):
+    result = run(tmp_path, "out")
+    saved = json.loads((tmp_path / "out" / "runs" / result["run_id"] / "result.json").read_text())
+    assert saved["test_n"] == 24 and saved["steps"] == 8 and len(saved["history"]) == 2
+    assert saved["config"]["train"]["steps"] == 8 and saved["params"] > 0 and saved["sec_per_step"] > 0
+    assert "torch" in saved["versions"]
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") >= 2
+    assert list((tmp_path / "out" / "tb" / result["run_id"]).glob("events.out.tfevents.*"))
+    assert run(tmp_path, "again")["test_loss"] == result["test_loss"]  # same seed, same numbers
+
+
+def test_learning_rate_schedules_match_the_official_formulas():
+    rsqrt = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt", warmup=1000, weight_decay=0.1)
+    assert learning_rate(0, rsqrt) == 0.0
+    assert learning_rate(500, rsqrt) == pytest.approx(0.05 * 0.5 / math.sqrt(1000))
+    assert learning_rate(1000, rsqrt) == pytest.approx(1.5811e-3, rel=1e-4)  # spec: peak 0.05/sqrt(1000)
+    assert learning_rate(4000, rsqrt) == pytest.approx(0.05 / math.sqrt(4000))
+    retrieval = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt", warmup=8000, weight_decay=0.1)
+    assert learning_rate(5000, retrieval) == pytest.approx(0.05 * 5000 / 8000 / math.sqrt(8000))  # spec §6: ≈ 3.49e-4, warmup never ends
+    cosine = TrainConfig(batch_size=256, steps=35000, lr=5e-4, schedule="cosine", warmup=175, weight_decay=0.0)
+    assert learning_rate(175, cosine) == pytest.approx(5e-4)
+    assert learning_rate(175 + 17500, cosine) == pytest.approx(2.5e-4)
+    assert learning_rate(35000, cosine) == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 34825 / 35000)))
+    assert learning_rate(35000, cosine) < 1e-7  # the last step ends near 0
+
+
+def test_norm_parameters_take_no_weight_decay():
+    spec = smoke_spec()
+    model = build_model("transformer", spec.model, "ln")
+    decay, no_decay = param_groups(model, 0.1)
+    num_norms = 2 * spec.model.num_layers + 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 * num_norms
+    assert decay["weight_decay"] == 0.1
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    optimizer = build_optimizer(model, spec.train)
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-9
+
+
+def test_cli_rejects_unknown_names_with_the_valid_list(capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "listops", "--model", "transformer", "--norm", "nope"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "'ln'" in err
+    with pytest.raises(SystemExit, match="unknown train setting.*valid: batch_size"):
+        main(["--task", "listops", "--model", "transformer", "--set", "train.nope=1"])
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--preset", "--data-dir", "--out", "--seed", "--max-steps", "--batch-size", "--resume"):
+        assert option in text
+
+
+def test_cli_generate_writes_the_official_layout(tmp_path, capsys):
+    main(["generate", "listops", "--out", str(tmp_path / "gen"), "--set", "num_train=30", "--set", "num_val=5",
+          "--set", "num_test=5", "--set", "min_length=5", "--set", "max_length=40", "--set", "max_depth=4",
+          "--workers", "1"])
+    lines = (tmp_path / "gen" / "basic_train.tsv").read_text().splitlines()
+    assert lines[0] == "Source\tTarget" and len(lines) == 31
+    assert "wrote" in capsys.readouterr().out
