@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -97,8 +98,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     spec = make_spec(args.task, args.model, args.norm, args.preset, args.seed, cli_settings(args))
     result = train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,
                    device=args.device, progress=args.progress)
-    print(f"{result['run_id']}: test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}), "
-          f"{result['sec_per_step'] * 1000:.1f} ms/step; table: {args.out / 'results.md'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the result; one reports it
+        print(f"{result['run_id']}: test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}), "
+              f"{result['sec_per_step'] * 1000:.1f} ms/step; table: {args.out / 'results.md'}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -117,8 +119,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_table(args: argparse.Namespace) -> None:
     from lra_dtn.results import update_tables
 
-    update_tables(args.out)
-    print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}")
+    update_tables(args.out, figure=True)
+    figure = args.out / "dtn_gates.png"
+    print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}"
+          + (f" (DTN figure: {figure})" if figure.exists() else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

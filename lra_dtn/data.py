@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +72,33 @@ def _compact(examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield {**ex, **ids, "length": len(ids["input_ids"])}
 
 
+def _stream_to_arrow(examples: Iterable[dict[str, Any]], workdir: Path, what: str) -> Any:
+    """Write examples to Arrow as they come (never the whole split in memory).
+
+    ``datasets`` wraps errors raised inside the generator; a :class:`DataError` (file and line of a
+    malformed row) is re-raised as itself so the user sees the message, not the wrapper."""
+    import datasets
+
+    examples = iter(_compact(examples))
+    first = next(examples, None)
+    if first is None:
+        raise DataError(f"{what}: the split is empty")
+    columns = [c for c in first if c.startswith("input_ids")]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        yield first
+        yield from examples
+
+    try:
+        return datasets.Dataset.from_generator(rows, features=_features(columns), cache_dir=str(workdir),
+                                               fingerprint=hashlib.sha256(f"{workdir}{what}".encode()).hexdigest())
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        raise (cause or err) from None
+
+
 def cached_splits(
     cache_root: Path,
     name: str,
@@ -92,14 +118,8 @@ def cached_splits(
     if not target.exists():
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_root, prefix=f".{name}-building-") as tmp:
-            splits = {}
-            for split, examples in build().items():
-                rows = list(_compact(examples))
-                if not rows:
-                    raise DataError(f"{name}: split {split!r} is empty")
-                columns = [c for c in rows[0] if c.startswith("input_ids")]
-                table = {c: [r[c] for r in rows] for c in rows[0]}
-                splits[split] = datasets.Dataset.from_dict(table, features=_features(columns))
+            splits = {split: _stream_to_arrow(examples, Path(tmp) / "arrow", f"{name}/{split}")
+                      for split, examples in build().items()}
             datasets.DatasetDict(splits).save_to_disk(Path(tmp) / "data")
             (Path(tmp) / "data" / "params.json").write_text(json.dumps(params, indent=1, default=str))
             try:

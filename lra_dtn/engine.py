@@ -242,7 +242,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
             bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / (micro * cfg.grad_accum):.2f}",
                             sps=f"{step / max(state['train_seconds'], 1e-9):.1f}", refresh=False)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = evaluate(ddp, splits["val"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+            val = evaluate(model, splits["val"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
             state["history"].append({"step": step, "val_acc": val["acc"], "val_loss": val["loss"]})
             if writer is not None:
                 writer.add_scalar("val/acc", val["acc"], step)
@@ -255,12 +255,12 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     if bar is not None:
         bar.close()
 
-    test = evaluate(ddp, splits["test"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+    test = evaluate(model, splits["test"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
     memory, memory_kind = peak_memory_mb(ctx.device)
     last_val = state["history"][-1] if state["history"] else {}
     result = {
         "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,
-        "preset": spec.preset, "seed": spec.seed, "config": spec.to_dict(), "data": task.describe(spec.data),
+        "preset": spec.preset, "seed": spec.seed, "config": spec.to_dict(), "data": task.describe(spec.data, spec.model),
         "val_acc": last_val.get("val_acc"), "test_acc": test["acc"], "test_loss": test["loss"], "test_n": test["n"],
         "steps": state["step"], "sec_per_step": state["train_seconds"] / max(state["step"], 1),
         "train_seconds": state["train_seconds"], "peak_mem_mb": memory, "peak_mem_kind": memory_kind,

@@ -66,6 +66,9 @@ def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cp
     changes = split_settings(settings or [])
     model_cfg, train_cfg, data_opts = (apply_settings(section, changes[name], name)
                                        for section, name in zip(base, ("model", "train", "data")))
+    if "max_length" in changes["data"] and "max_len" not in changes["model"]:
+        # A longer or shorter data cut (e.g. Text 4000, the paper's) resizes the position table too.
+        model_cfg = dataclasses.replace(model_cfg, max_len=data_opts.max_length)
     return RunSpec(task=task, model_name=model, norm=norm, preset=preset.value, seed=seed, model=model_cfg,
                    train=train_cfg, data=data_opts, variant=variant_of(base, (model_cfg, train_cfg, data_opts)))
 

@@ -1,10 +1,204 @@
-"""The LN-vs-DTN grid as one job (being written)."""
+"""The LN-vs-DTN grid as one job: tasks x models x norms x seeds, resumable, with the table at the end.
+
+``run_lra.py sweep --tasks all --models all --norms ln,dtn --seeds 0,1,2 --preset cpu --out results/``
+
+* Every run goes through :func:`lra_dtn.engine.train` with ``resume=True``: a finished run (its
+  ``result.json`` exists) is skipped, a run cut mid-training continues from its checkpoint. So the
+  same command, run again after a kill at any point, finishes the grid; the table is rebuilt from the
+  run JSONs, so nothing in it is lost or counted twice.
+* Seeds are the outer loop: a sweep stopped half-way leaves every configuration with some seeds
+  rather than some configurations with all of them.
+* A task whose data is missing (and cannot be generated) is checked once, before any training, and
+  recorded as ``OUT/missing/<task>-<preset>.json`` with the reason; the table lists it as missing.
+  The marker goes away once the data is there.
+* A run that raises is recorded as ``OUT/failed/<run_id>.json`` and the sweep goes on with the next
+  (on one process; under ``torchrun`` the ranks must stay in step, so it stops). The exit status is
+  1 when a run failed.
+* Under ``torchrun`` every rank walks the same grid; rank 0 alone checks the data and writes files.
+"""
+from __future__ import annotations
+
 import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lra_dtn import distributed, results
+from lra_dtn.cli import add_common, cli_settings
+from lra_dtn.config import RunSpec
+from lra_dtn.data import DataError
+from lra_dtn.norms import NORMS
+from lra_dtn.registry import Registry
+from lra_dtn.specs import make_spec
+from models import MODELS
+from tasks import TASKS
+
+DEFAULT_NORMS = "ln,dtn"
+
+
+def parse_names(text: str, registry: Registry, what: str) -> list[str]:
+    """``"all"`` or a comma list, checked against the registry; order kept, duplicates dropped."""
+    if text.strip() == "all":
+        return registry.names()
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"--{what}: no names given; choose from: {', '.join(registry.names())} (or all)")
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"--{what}: unknown {registry.kind} {', '.join(map(repr, unknown))}; "
+                         f"choose from: {', '.join(registry.names())} (or all)")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` (inclusive) or a mix: ``"0-2,7"``."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, sep, last = part.partition("-")
+            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected integers such as 0,1,2 or 0-4") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: no seed given")
+    return list(dict.fromkeys(seeds))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out")
+    parser.add_argument("--tasks", default="all",
+                        help=f"comma list or all (default: %(default)s); tasks: {', '.join(TASKS.names())}")
+    parser.add_argument("--models", default="all",
+                        help=f"comma list or all (default: %(default)s); encoders: {', '.join(MODELS.names())}")
+    parser.add_argument("--norms", default=DEFAULT_NORMS,
+                        help=f"comma list or all; each norm other than ln gets a paired difference to ln "
+                             f"(default: %(default)s); norms: {', '.join(NORMS.names())}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list or ranges, e.g. 0,1,2 or 0-4 "
+                                                         "(default: %(default)s)")
+    add_common(parser)
+
+
+def plan(args: argparse.Namespace) -> list[RunSpec]:
+    """Every run of the grid, seeds outermost; a bad name or setting fails here, before any training."""
+    tasks = parse_names(args.tasks, TASKS, "tasks")
+    models = parse_names(args.models, MODELS, "models")
+    norms = parse_names(args.norms, NORMS, "norms")
+    seeds = parse_seeds(args.seeds)
+    settings = cli_settings(args)
+    return [make_spec(task, model, norm, args.preset, seed, settings)
+            for seed in seeds for task in tasks for model in models for norm in norms]
+
+
+def finished(out: Path, spec: RunSpec) -> bool:
+    return (Path(out) / "runs" / spec.run_id / results.RESULT_FILE).exists()
+
+
+def check_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
+    """``{task: reason}`` for the tasks whose files are missing (generated tasks generate them here).
+
+    Each distinct data setting of a task is checked once; only tasks with unfinished runs are asked."""
+    missing: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    for spec in specs:
+        key = (spec.task, repr(spec.data))
+        if spec.task in missing or key in seen:
+            continue
+        seen.add(key)
+        try:
+            TASKS.get(spec.task)().source_files(Path(data_dir), spec.data)
+        except DataError as err:
+            missing[spec.task] = str(err)
+    return missing
+
+
+def broadcast(ctx: distributed.DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if ctx.world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> None:
+    mine = [s for s in specs if s.task == task]
+    first = mine[0]
+    results.write_json(results.missing_marker(out, task, first.preset), {
+        "task": task, "preset": first.preset, "variant": first.variant, "reason": reason,
+        "models": sorted({s.model_name for s in mine}), "norms": sorted({s.norm for s in mine}),
+        "seeds": sorted({s.seed for s in mine}),
+        "data": TASKS.get(task)().describe(first.data, first.model)})
+
+
+def write_failed(out: Path, spec: RunSpec, err: BaseException) -> None:
+    results.write_json(results.failed_marker(out, spec.run_id), {
+        "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,
+        "preset": spec.preset, "variant": spec.variant, "seed": spec.seed,
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:]})
 
 
 def main(args: argparse.Namespace) -> None:
-    raise SystemExit("sweep: not implemented yet")
+    from lra_dtn import engine
+
+    specs = plan(args)
+    ctx = distributed.init(args.device)
+    out = Path(args.out)
+
+    def say(message: str) -> None:
+        if ctx.is_main:
+            print(f"[sweep] {message}", flush=True)
+
+    pending = [s for s in specs if not finished(out, s)]
+    say(f"{len(specs)} runs in the grid, {len(specs) - len(pending)} already finished, {len(pending)} to go")
+    # Rank 0 generates/inspects the data once; the other ranks take its verdict (same files).
+    missing = broadcast(ctx, check_data(pending, args.data_dir) if ctx.is_main else None)
+    if ctx.is_main:
+        for task in dict.fromkeys(s.task for s in specs):
+            if task in missing:
+                write_missing(out, task, pending, missing[task])
+                say(f"{task}: data missing, its runs are skipped and listed in the table: {missing[task]}")
+            else:  # the data is there now, or no run of the task needs it any more
+                results.missing_marker(out, task, args.preset).unlink(missing_ok=True)
+
+    todo = [s for s in pending if s.task not in missing]
+    failures: list[str] = []
+    for i, spec in enumerate(todo, start=1):
+        if spec.task in missing:  # its data went missing while loading an earlier run
+            continue
+        ckpt = engine.run_dir(out, spec) / engine.CHECKPOINT_FILE
+        say(f"[{i}/{len(todo)}] {spec.run_id}" + (" (resuming from its checkpoint)" if ckpt.exists() else ""))
+        try:
+            result = engine.train(spec, out, args.data_dir, args.cache_dir, resume=True, device=args.device,
+                                  progress=args.progress)
+        except DataError as err:
+            if ctx.world_size > 1:
+                raise
+            missing[spec.task] = str(err)
+            write_missing(out, spec.task, todo, str(err))
+            say(f"{spec.task}: data error, its remaining runs are skipped: {err}")
+            continue
+        except Exception as err:  # noqa: BLE001 (one run's crash must not end a day-long grid)
+            if ctx.world_size > 1:
+                raise  # the other ranks are inside collectives: they cannot go on without this one
+            failures.append(spec.run_id)
+            write_failed(out, spec, err)
+            say(f"{spec.run_id} FAILED ({type(err).__name__}: {err}); recorded in "
+                f"{results.failed_marker(out, spec.run_id)}, going on")
+            continue
+        if ctx.is_main:
+            results.failed_marker(out, spec.run_id).unlink(missing_ok=True)
+        say(f"{spec.run_id}: test accuracy {result['test_acc']:.4f}, {result['sec_per_step'] * 1000:.1f} ms/step")
+
+    if ctx.is_main:
+        results.update_tables(out, figure=True)
+        say(f"table: {out / 'results.md'} and {out / 'results.csv'}"
+            + (f"; figure: {out / 'dtn_gates.png'}" if (out / "dtn_gates.png").exists() else ""))
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    if missing:
+        say(f"missing data (listed in the table): {', '.join(sorted(missing))}")
+    if failures:
+        sys.exit(f"[sweep] {len(failures)} run(s) failed: {', '.join(failures)} (see {out / results.FAILED_DIR}/)")

@@ -50,8 +50,9 @@ class Task:
         """Write the task's data in the official layout into ``out_dir`` (generated tasks only)."""
         raise DataError(f"{self.name} data cannot be generated; see the README for where to get it")
 
-    def describe(self, options: DataOptions) -> str:
-        """One line for the results table on what data ran (e.g. 'generated, lengths 50-200')."""
+    def describe(self, options: DataOptions, model: ModelConfig | None = None) -> str:
+        """One line for the results table on what data ran (e.g. 'generated, lengths 50-200'), and
+        anything about the model the table must show (e.g. which Retrieval head)."""
         return "official"
 
     def load(self, data_dir: Path, options: DataOptions, cache_dir: Path) -> dict[str, Any]:

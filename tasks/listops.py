@@ -307,7 +307,7 @@ class ListOps(Task):
         max_len = 2000 if options.folder == "listops-1000" else options.max_length
         return {split: read_tsv(folder / f"basic_{split}.tsv", max_len) for split in ("train", "val", "test")}
 
-    def describe(self, options: ListOpsData) -> str:
+    def describe(self, options: ListOpsData, model: ModelConfig | None = None) -> str:
         if options.folder == "listops-1000":
             return "listops-1000 (official files or generated with the official settings)"
         return (f"generated: lengths {options.min_length + 1}-{options.max_length - 1}, depth <= {options.max_depth}, "

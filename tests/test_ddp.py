@@ -1,0 +1,105 @@
+"""Multi-process training through torchrun (gloo on CPU), gradient accumulation and bf16 autocast.
+
+Dropout is off in the equivalence tests, so the only randomness is the data order and the init,
+which do not depend on the number of processes: two processes each taking half of the global batch,
+or one process taking it in micro-batches, must train the same model as one process taking it whole.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lra_dtn import engine
+from lra_dtn.specs import make_spec
+from tasks import TASKS
+from tasks.listops import SMOKE_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_DROPOUT = ["model.dropout=0", "model.attn_dropout=0"]
+STEPS = 6
+GLOBAL_BATCH = 16  # the smoke preset's
+
+
+def spec(*settings: str):
+    return make_spec("listops", "transformer", "ln", "smoke", seed=0,
+                     settings=[f"train.steps={STEPS}", "train.eval_every=3", *NO_DROPOUT, *settings])
+
+
+def train_here(tmp_path: Path, name: str, *settings: str) -> dict:
+    return engine.train(spec(*settings), tmp_path / name, tmp_path / "data", progress=False)
+
+
+def test_two_gloo_processes_write_one_result_equal_to_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "run_lra.py", "--task", "listops", "--model", "transformer", "--norm", "ln", "--preset", "smoke",
+               "--max-steps", str(STEPS), "--grad-accum", "2", "--set", "train.eval_every=3",
+               *(a for s in NO_DROPOUT for a in ("--set", s)),
+               "--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1  # one report, from rank 0
+
+    written = list(out.glob("runs/*/result.json"))
+    assert len(written) == 1, written  # rank 0 alone writes
+    ddp = json.loads(written[0].read_text())
+    assert ddp["world_size"] == 2 and ddp["steps"] == STEPS
+    # The global batch, not per process: 2 processes x 2 accumulated micro-batches of 4.
+    assert ddp["config"]["train"]["batch_size"] == GLOBAL_BATCH and ddp["config"]["train"]["grad_accum"] == 2
+    assert ddp["test_n"] == SMOKE_DATA.num_test  # every test example, counted once over both ranks
+    assert len(list((out / "tb" / ddp["run_id"]).glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (out / "runs" / ddp["run_id"]).iterdir()) == ["checkpoint.pt", "result.json"]
+
+    # Each rank took half of every global batch: the same model as one process taking it whole.
+    one = train_here(tmp_path, "one")
+    assert one["world_size"] == 1 and one["config"]["train"]["grad_accum"] == 1
+    assert ddp["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert [h["val_loss"] for h in ddp["history"]] == pytest.approx([h["val_loss"] for h in one["history"]], rel=1e-5)
+    assert ddp["test_acc"] == one["test_acc"]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    whole = train_here(tmp_path, "whole")
+    accumulated = train_here(tmp_path, "accum", "train.grad_accum=4")
+    assert accumulated["config"]["train"]["grad_accum"] == 4
+    assert accumulated["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+    assert [h["val_loss"] for h in accumulated["history"]] == pytest.approx(
+        [h["val_loss"] for h in whole["history"]], rel=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        train_here(tmp_path, "bad", "train.grad_accum=3")
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    fp32 = train_here(tmp_path, "fp32", "train.steps=3")
+    bf16 = train_here(tmp_path, "bf16", "train.steps=3", "train.precision=bf16")
+    assert bf16["config"]["train"]["precision"] == "bf16" and bf16["run_id"] != fp32["run_id"]
+    assert math.isfinite(bf16["test_loss"]) and bf16["test_n"] == SMOKE_DATA.num_test
+    # bf16 keeps ~3 significant digits: close to fp32 after 3 steps, but not bit-equal.
+    assert bf16["test_loss"] == pytest.approx(fp32["test_loss"], rel=0.05)
+
+
+@pytest.mark.skipif("text" not in TASKS, reason="needs a task whose data is missing")
+def test_sweep_under_torchrun_checks_data_once_and_writes_from_rank_0(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "run_lra.py", "sweep", "--tasks", "listops,text", "--models", "transformer", "--norms", "ln,rms",
+               "--seeds", "0", "--preset", "smoke", "--max-steps", "2", "--out", str(out),
+               "--data-dir", str(tmp_path / "data"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("[sweep] 4 runs in the grid") == 1  # rank 0 alone reports
+    assert done.stdout.count("text: data missing") == 1
+    written = [json.loads(p.read_text()) for p in out.glob("runs/*/result.json")]
+    assert sorted(r["norm"] for r in written) == ["ln", "rms"] and all(r["world_size"] == 2 for r in written)
+    assert all(r["test_n"] == SMOKE_DATA.num_test for r in written)
+    assert [p.name for p in (out / "missing").iterdir()] == ["text-smoke.json"]
+    table = (out / "results.md").read_text()
+    assert "- **text**" in table and "| transformer | Δ rms − ln |" in table
