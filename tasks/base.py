@@ -25,6 +25,27 @@ class DataOptions:
     mask_zero_tokens: bool = False
 
 
+@dataclass(frozen=True)
+class SplitLimits(DataOptions):
+    """Read only the first ``n`` examples of a split (``None``: all), for the presets that must run
+    in minutes (``cpu``: a smaller val/test evaluated often) or seconds (``smoke``). Shared by the
+    tasks that read fixed official files; ListOps and Pathfinder generate the size they need."""
+
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+
+    def limit(self, split: str) -> int | None:
+        return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[split]
+
+    def describe_limits(self) -> str:
+        """``", first 32/16/16 train/val/test examples"`` when part of a split is read, else ``""``."""
+        limits = (self.max_train, self.max_val, self.max_test)
+        if limits == (None, None, None):
+            return ""
+        return ", first " + "/".join("all" if n is None else str(n) for n in limits) + " train/val/test"
+
+
 class Task:
     """Base class of the tasks. Subclasses set the class attributes and implement the methods."""
 

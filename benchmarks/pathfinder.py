@@ -1,0 +1,101 @@
+"""Pathfinder generator benchmark: seconds per image on one core and image statistics, against the
+original generator as measured in spec §5 (PF-32, use_single_paddles=False: 0.24 s/image on one core,
+34% non-zero pixels, mean pixel 20, labels 23/17 of 40).
+
+    python -m benchmarks.pathfinder [--num-images 400] [--num-images-128 20] [--examples /tmp/pf]
+
+Timing is end to end through ``write_batch`` (sampling, PNG encoding, metadata) in this one process,
+as CPU seconds (``time.process_time``: what one core spends, robust to other load on the machine)
+and wall seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import tasks.pathfinder_generator as pg
+
+ORIGINAL_PF32 = {"s_per_image": 0.24, "nonzero": 0.34, "mean": 20.0, "label_1": 23 / 40}  # spec §5
+SPEEDUP_TARGET = 5.0
+
+
+def measure(params: pg.PathfinderParams, num_images: int, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pg.sample_image(pg.batch_rng(seed, 10**6), params)  # build the caches outside the timing
+        cpu, wall = time.process_time(), time.perf_counter()
+        pg.write_batch(Path(tmp), 0, num_images, seed, params)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        images = np.stack([np.asarray(Image.open(Path(tmp) / "imgs" / "0" / f"sample_{i}.png"))
+                           for i in range(num_images)])
+        labels = np.array([int(line.split(" ")[3]) for line in
+                           (Path(tmp) / "metadata" / "0.npy").read_text().split("\n")[:-1]])
+    # The same images again, in memory, for what the files do not show.
+    rng = pg.batch_rng(seed, 0)
+    samples = [pg.sample_image(rng, params) for _ in range(num_images)]
+    assert all((s.image == im).all() for s, im in zip(samples, images))
+    return {
+        "cpu_s_per_image": cpu / num_images, "wall_s_per_image": wall / num_images,
+        "nonzero": float((images > 0).mean()), "nonzero_sd": float((images > 0).mean((1, 2)).std()),
+        "nonzero_above_5": float((images > 5).mean()), "mean": float(images.mean()),
+        "label_1": float(labels.mean()), "n": num_images,
+        "target_attempts": float(np.mean([s.target_attempts for s in samples])),
+        "distractors": float(np.mean([len(s.distractors) for s in samples])),
+        "samples": samples,
+    }
+
+
+def save_examples(samples, folder: Path, name: str, count: int = 8) -> Path:
+    """An upscaled grid of the first ``count`` images (labels in the file name order, left to right)."""
+    zoom = max(1, 256 // samples[0].image.shape[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    tiles = [np.pad(np.kron(s.image, np.ones((zoom, zoom), np.uint8)), 2, constant_values=96)
+             for s in samples[:count]]
+    rows = [np.concatenate(tiles[i:i + 4], 1) for i in range(0, len(tiles) - len(tiles) % 4, 4)]
+    labels = "".join(str(s.label) for s in samples[:len(rows) * 4])
+    path = folder / f"{name}_labels_{labels}.png"
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, default=400, help="PF-32 images")
+    parser.add_argument("--num-images-128", type=int, default=20, help="Path-X images (0 to skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--examples", type=Path, default=None, help="save upscaled example grids here")
+    args = parser.parse_args()
+
+    runs = [("PF-32", pg.PF32, args.num_images),
+            # The easier contour lengths, for comparison: spec §5's numbers for the original sit much
+            # closer to our curv_baseline (6) than to our hard (14) row; see the note printed below.
+            ("PF-32 cl=9", pg.pf32(9), args.num_images), ("PF-32 cl=6", pg.pf32(6), args.num_images)]
+    if args.num_images_128:
+        runs.append(("PF-128 (Path-X)", pg.PF128, args.num_images_128))
+    print(f"{'':17}{'cpu s/img':>10}{'wall s/img':>11}{'nonzero':>9}{'(sd)':>7}{'>5':>7}{'mean':>7}"
+          f"{'label=1':>9}{'pairs tried':>13}{'distractors':>13}")
+    results = {}
+    for name, params, n in runs:
+        r = results[name] = measure(params, n, args.seed)
+        print(f"{name:17}{r['cpu_s_per_image']:10.4f}{r['wall_s_per_image']:11.4f}{r['nonzero']:9.3f}"
+              f"{r['nonzero_sd']:7.3f}{r['nonzero_above_5']:7.3f}{r['mean']:7.1f}{r['label_1']:9.3f}"
+              f"{r['target_attempts']:13.1f}{r['distractors']:13.2f}  (n={n})")
+        if args.examples:
+            print(f"  examples: {save_examples(r['samples'], args.examples, name.replace(' ', '_').lower())}")
+    o = ORIGINAL_PF32
+    print("note: spec §5 measured the original with the PF-32 hard settings; our hard row is denser (45% vs 34%"
+          " non-zero, mean 28 vs 20) while our curv_baseline row matches it. Rendering and geometry follow the"
+          " original code; check the spec's run (or real LRA PNGs) before tuning anything.")
+    print(f"{'original PF-32':17}{o['s_per_image']:10.4f}{'':11}{o['nonzero']:9.3f}{'':14}{o['mean']:7.1f}"
+          f"{o['label_1']:9.3f}  (spec §5, n=40)")
+    speedup = o["s_per_image"] / results["PF-32"]["cpu_s_per_image"]
+    verdict = "meets" if speedup >= SPEEDUP_TARGET else "MISSES"
+    print(f"PF-32 speed-up per image on one core: {speedup:.1f}x ({verdict} the {SPEEDUP_TARGET:.0f}x target)")
+
+
+if __name__ == "__main__":
+    main()
