@@ -1,0 +1,146 @@
+"""BigBird block-sparse attention (ITC pattern, LRA ``models/bigbird/bigbird_attention.py``, spec §7.3).
+
+Keys and queries are cut into blocks of ``block_size`` (64). The first and the last block are global:
+they attend to every block and every block attends to them. Every other query block attends to a
+sliding window of 3 blocks (itself and its two neighbours) and to ``num_random_blocks`` (3) random
+blocks. Cost is ``O(T · (5 + r) · block)``: linear in the length, with no ``T x T`` tensor. Each
+query block's ``5 + r`` key blocks are gathered with one ``index_select`` and attended to by PyTorch's
+fused kernel, one query block per batch entry.
+
+The layout lives on the *canonical* block grid of the task, ``N = ceil((max_len [+1 CLS]) / block)``
+blocks, exactly the grid the official code sees, since it pads every example to ``max_len``:
+
+* the global blocks are canonical block 0 and canonical block ``N - 1``. A batch padded to fewer than
+  ``N`` blocks has no last global block; it would hold nothing but padding;
+* the random blocks of each row are drawn once, at construction, from ``(seed, layer, head)`` among the
+  canonical blocks outside the window and the globals, so the graph is the same for every batch and
+  step. A random block beyond the batch's length is dropped (it would be padding);
+* full attention replaces the pattern when ``N`` is too small for it (``N <= 2 + 3 + r``).
+
+All three decisions depend on the config alone, never on how much padding a batch carries, so a real
+token's output does not change with extra padding. The price, as in the official code: a sequence much
+shorter than ``max_len`` keeps its window and the first global block, but most of its random blocks
+land in padding. Every real query sees at least its own block, so only padding queries can have no
+valid key; they get zeros. Official quirks not copied: random blocks are drawn
+among all canonical blocks (the official code draws them among the first ``1024 / block`` only,
+``last_idx``); the padding mask is honoured for the blocks added to reach a block multiple; no whole
+extra block is added when the length is already a multiple; attention dropout applies on the sparse
+path too.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from lra_dtn.config import ModelConfig
+from models.blocks import MODELS, QKVProjection
+
+WINDOW = 3  # the sliding window in blocks: the query block and its two neighbours
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout_p: float) -> Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over the keys where ``key_valid`` (``(..., 1, Tk)``) is true.
+
+    Masked keys get the most negative finite logit (an additive mask, which PyTorch's CPU kernel runs
+    faster than a boolean one); a query with no valid key then averages padding, and is zeroed."""
+    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~key_valid, torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    return out * key_valid.any(dim=-1, keepdim=True)
+
+
+def random_blocks(num_blocks: int, num_random: int, seed: int, layer: int, head: int) -> Tensor:
+    """``(num_blocks, r)`` random key blocks per query block, drawn from ``(seed, layer, head)``.
+
+    Row ``i`` picks ``r`` distinct blocks among ``1 .. N-2`` outside its window ``i-1 .. i+1``; the
+    global rows 0 and ``N-1`` need none and hold ``-1``."""
+    rng = np.random.default_rng([seed, layer, head])
+    rows = np.full((num_blocks, num_random), -1, dtype=np.int64)
+    for i in range(1, num_blocks - 1):
+        candidates = [j for j in range(1, num_blocks - 1) if abs(j - i) > 1]
+        rows[i] = rng.choice(candidates, size=num_random, replace=False)
+    return torch.from_numpy(rows)
+
+
+@MODELS.register("bigbird")
+class BigBirdAttention(nn.Module):
+    """Block-sparse attention: global first/last blocks, a 3-block window and random blocks."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.proj = QKVProjection(cfg)
+        self.attn_dropout = cfg.attn_dropout
+        self.block_size = cfg.block_size
+        # The same length rule as the Embedding: a CLS token adds one position.
+        canonical_len = cfg.max_len + (cfg.pooling == "cls")
+        self.num_blocks = math.ceil(canonical_len / cfg.block_size)
+        self.dense = self.num_blocks <= 2 + WINDOW + cfg.num_random_blocks
+        graph = torch.stack(
+            [random_blocks(self.num_blocks, cfg.num_random_blocks, seed, layer, h) for h in range(cfg.num_heads)]
+        )
+        # (H, N, r); a pure function of (seed, layer), so it is rebuilt rather than checkpointed.
+        self.register_buffer("rand_blocks", graph, persistent=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.dense:
+            q, k, v = self.proj.split(x)
+            return self.proj.merge(attend(q, k, v, mask[:, None, None, :], dropout_p))
+        length, bs = x.shape[1], self.block_size
+        nb = math.ceil(length / bs)
+        if nb > self.num_blocks:
+            raise ValueError(f"sequence of {length} tokens exceeds the {self.num_blocks} blocks of max_len")
+        pad = nb * bs - length
+        q, k, v = self.proj.split(F.pad(x, (0, 0, 0, pad)))
+        mask = F.pad(mask, (0, pad), value=False)
+        last_global = nb == self.num_blocks  # the canonical last block exists in this batch
+        # Global rows, the first block (and the last one, when present) against every key, in one call.
+        global_q = torch.cat([q[:, :, :bs], q[:, :, -bs:]], dim=2) if last_global else q[:, :, :bs]
+        global_out = attend(global_q, k, v, mask[:, None, None, :], dropout_p)
+        outs = [global_out[:, :, :bs]]
+        middle = slice(1, nb - 1 if last_global else nb)
+        if middle.stop > middle.start:
+            outs.append(self._sparse_rows(q, k, v, mask, middle, dropout_p))
+        outs.append(global_out[:, :, bs:])  # empty without the last global block
+        return self.proj.merge(torch.cat(outs, dim=2)[:, :, :length])
+
+    def key_blocks(self, middle: slice, nb: int) -> tuple[Tensor, Tensor]:
+        """Key blocks of the query rows ``middle``: ``(H, rows, 5 + r)`` indices and validity.
+
+        Slots: first and last global, the window ``i-1, i, i+1``, then the random blocks. A slot is
+        invalid when its block is beyond the batch (``>= nb``) or repeats a global block."""
+        device, last = self.rand_blocks.device, self.num_blocks - 1
+        rows = torch.arange(middle.start, middle.stop, device=device)
+        globals_ = torch.tensor([0, last], device=device).expand(len(rows), 2)
+        window = rows[:, None] + torch.arange(-1, 2, device=device)
+        fixed = torch.cat([globals_, window], dim=1).expand(self.rand_blocks.shape[0], -1, -1)
+        blocks = torch.cat([fixed, self.rand_blocks[:, middle]], dim=2)
+        repeats_global = torch.zeros_like(blocks, dtype=torch.bool)
+        repeats_global[..., 2:2 + WINDOW] = (window == 0) | (window == last)
+        valid = (blocks < nb) & ~repeats_global
+        return blocks.where(valid, 0), valid
+
+    def _sparse_rows(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, middle: slice, dropout_p: float) -> Tensor:
+        """Query blocks ``middle`` against their gathered key blocks; ``(B, H, rows * bs, d)``."""
+        heads, bs = q.shape[1], self.block_size
+        nb = q.shape[2] // bs
+        blocks, slot_valid = self.key_blocks(middle, nb)
+        # One flat index over (head, block) so the gather is an index_select (its backward an index_add).
+        flat = (blocks + nb * torch.arange(heads, device=blocks.device)[:, None, None]).flatten()
+        k_sel, v_sel = (
+            rearrange(
+                rearrange(t, "b h (n j) d -> b (h n) j d", j=bs).index_select(1, flat),
+                "b (h m s) j d -> b (h m) (s j) d", h=heads, s=blocks.shape[2],
+            )
+            for t in (k, v)
+        )
+        mask_sel = rearrange(mask, "b (n j) -> b n j", j=bs)[:, blocks]  # (B, H, rows, slots, bs)
+        key_valid = rearrange(mask_sel & slot_valid[None, ..., None], "b h m s j -> b (h m) 1 (s j)")
+        q_rows = rearrange(q[:, :, middle.start * bs:middle.stop * bs], "b h (m i) d -> b (h m) i d", i=bs)
+        out = attend(q_rows, k_sel, v_sel, key_valid, dropout_p)
+        return rearrange(out, "b (h m) i d -> b h (m i) d", h=heads)

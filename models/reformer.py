@@ -1,0 +1,113 @@
+"""Reformer: ``reformer-pytorch``'s LSH attention inside our own pre-norm block (spec §7.4).
+
+The official LRA Reformer is the same composition: a plain pre-LN block whose attention is LSH
+attention, so the block keeps its two norm slots for the normalizer under test. Official settings:
+shared QK (keys are the queries), ``n_hashes = 1`` and ``n_buckets = 10`` over the task's length. The
+official code always pads to ``max_len``, so its chunks are ``max_len / 10`` long; we fix the bucket
+(= chunk) size from ``max_len`` the same way, and a shorter batch gets proportionally fewer buckets
+with the official chunk size: each query sees its own chunk and the one before it, ``2 · max_len / 10``
+keys, whatever the batch length.
+
+Hashing draws fresh random rotations at every training step (the package's behaviour, which the
+Reformer paper relies on). In evaluation the rotations come from a generator seeded by
+``(seed, layer)``, so evaluation is deterministic (the official code uses a fixed ``PRNGKey(0)``
+for training and evaluation alike).
+
+Cost: every query sees ``2 · bucket_size`` keys, so a step is linear in the batch length for a given
+task. The official chunk grows with ``max_len``, though, so at full length the attention costs
+``T^2 / 5``; for the Reformer paper's linear regime, give buckets of ~64 tokens
+(``n_buckets = max_len / 64``), as ``benchmarks/encoders.py`` does.
+
+Official quirks corrected by default (``reformer_faithful=False``):
+
+* logits are ``q · k / sqrt(d)``; the official code multiplies by ``sqrt(d)``;
+* the padding mask is honoured; the official code ignores it;
+* ``qkv_dim`` is used and the output projection kept (the official code has neither; keeping them
+  gives every encoder the same projections).
+
+``reformer_faithful=True`` restores the first two, which cost nothing: the logits are multiplied by
+``sqrt(d)`` and the mask is dropped; the rotations are then fixed in training too, as the official
+ones. Differences of the package that stay in both modes: keys are unit-normalised before the dot
+product (official: ``length_norm=False``), and a query attends to itself only when no other key is
+available (official: no self-mask).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from reformer_pytorch.reformer_pytorch import LSHAttention
+from torch import Tensor, nn
+
+from lra_dtn.config import ModelConfig
+from models.blocks import MODELS, QKVProjection
+
+
+class SharedQKProjection(QKVProjection):
+    """``QKVProjection`` with one projection for queries and keys (Reformer's shared QK).
+
+    ``to_k`` is removed rather than left unused, so every parameter still receives a gradient."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        del self.to_k
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, D) -> 2 x (B, H, T, d)``: the shared query/key and the value."""
+        return tuple(rearrange(p(x), "b t (h d) -> b h t d", h=self.heads) for p in (self.to_q, self.to_v))
+
+
+class SeededLSHAttention(LSHAttention):
+    """``LSHAttention`` whose random rotations come from ``rotation_seed`` in evaluation (and in training
+    too when ``fixed_in_training``), without touching the global generator or attention dropout."""
+
+    def __init__(self, rotation_seed: int, fixed_in_training: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rotation_seed = rotation_seed
+        self.fixed_in_training = fixed_in_training
+
+    def hash_vectors(self, n_buckets: int, vecs: Tensor, **kwargs) -> Tensor:
+        if self.training and not self.fixed_in_training:
+            return super().hash_vectors(n_buckets, vecs, **kwargs)
+        cuda = vecs.device.type == "cuda"
+        with torch.random.fork_rng(devices=[vecs.device.index or 0] if cuda else []):
+            if cuda:
+                with torch.cuda.device(vecs.device):
+                    torch.cuda.manual_seed(self.rotation_seed)
+            else:
+                torch.random.default_generator.manual_seed(self.rotation_seed)
+            return super().hash_vectors(n_buckets, vecs, **kwargs)
+
+
+@MODELS.register("reformer")
+class ReformerAttention(nn.Module):
+    """Shared-QK LSH attention (``reformer_pytorch.LSHAttention``), heads folded into the batch."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if cfg.n_buckets < 2 or cfg.n_buckets % 2:
+            raise ValueError(f"n_buckets must be even and >= 2 (angular LSH), got {cfg.n_buckets}")
+        self.proj = SharedQKProjection(cfg)
+        self.faithful = cfg.reformer_faithful
+        canonical_len = cfg.max_len + (cfg.pooling == "cls")  # the Embedding's length rule
+        self.bucket_size = math.ceil(canonical_len / cfg.n_buckets)
+        self.lsh = SeededLSHAttention(
+            rotation_seed=seed * 1_000_003 + layer, fixed_in_training=cfg.reformer_faithful,
+            dropout=cfg.attn_dropout, bucket_size=self.bucket_size, n_hashes=cfg.n_hashes, causal=False,
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        heads, length = self.proj.heads, x.shape[1]
+        qk, v = self.proj.split(x)
+        # LSHAttention needs a multiple of 2 buckets (its rotations give +-projections in pairs).
+        pad = -length % (2 * self.bucket_size)
+        qk, v = (rearrange(F.pad(t, (0, 0, 0, pad)), "b h t d -> (b h) t d") for t in (qk, v))
+        mask = F.pad(mask, (0, pad), value=False).repeat_interleave(heads, dim=0)
+        if self.faithful:
+            # The package scales by d^-1/2; the official code by d^+1/2. Hashing is scale-invariant.
+            qk, mask = qk * qk.shape[-1], None
+        out, _, _ = self.lsh(qk, v, input_mask=mask)
+        out = rearrange(out, "(b h) t d -> b h t d", h=heads)[:, :, :length]
+        return self.proj.merge(out)

@@ -1,0 +1,97 @@
+"""All three encoders × every normalizer: gradients reach every parameter, padding does not change real
+tokens, the Retrieval dual encoder's heads, and every task's configs build and run every encoder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lra_dtn  # noqa: F401  (registers every normalizer, dtn included)
+from lra_dtn.config import ModelConfig, Preset
+from lra_dtn.norms import NORMS
+from models import MODELS, build_model
+from tasks import TASKS
+
+ENCODERS = ["transformer", "bigbird", "reformer"]
+# DTN's positional-prior projection keeps the authors' bias, which cancels in the softmax over source
+# tokens, so its gradient is exactly zero (shared/specs/dtn.md step 3; lra_dtn/dtn.py).
+ZERO_GRADIENT = ("pos_proj.bias",)
+
+
+def small_config(**kw) -> ModelConfig:
+    """39 tokens + CLS: BigBird with block 4 has 10 canonical blocks (sparse path), Reformer buckets of 4."""
+    base = dict(vocab_size=13, num_classes=3, max_len=39, num_layers=2, emb_dim=24, qkv_dim=24, mlp_dim=32,
+                num_heads=3, dropout=0.0, attn_dropout=0.0, pos_emb="learned", block_size=4)
+    return ModelConfig(**{**base, **kw})
+
+
+def batch(lengths: list[int], width: int, vocab: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.arange(width) < torch.tensor(lengths)[:, None]
+    return torch.randint(1, vocab, (len(lengths), width)) * mask, mask
+
+
+def test_encoders_are_registered():
+    assert set(ENCODERS) <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("norm", NORMS.names())
+@pytest.mark.parametrize("model_name", ENCODERS)
+def test_every_parameter_receives_a_gradient(model_name, norm):
+    torch.manual_seed(0)
+    model = build_model(model_name, small_config(), norm, seed=1).train()
+    ids, mask = batch([39, 26, 8], 39)
+    torch.nn.functional.cross_entropy(model(ids, mask), torch.tensor([0, 1, 2])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0 and not n.endswith(ZERO_GRADIENT)]
+    assert not zero, f"gradient identically zero: {zero}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", NORMS.names())
+@pytest.mark.parametrize("model_name", ["transformer", "bigbird"])
+def test_real_tokens_do_not_change_with_extra_padding(model_name, norm):
+    torch.manual_seed(0)
+    model = build_model(model_name, small_config(), norm, seed=1).eval()
+    tokens = []
+    model.encoder.final_norm.register_forward_hook(lambda module, args, out: tokens.append(out))
+    lengths = [21, 13, 5]
+    ids, mask = batch(lengths, 39)
+    for width in (21, 30, 39):  # 6, 8 and all 10 BigBird blocks (the last one global)
+        model(ids[:, :width], mask[:, :width])
+    real = torch.arange(22) < torch.tensor(lengths)[:, None] + 1  # + CLS
+    for out in tokens[1:]:
+        torch.testing.assert_close(out[:, :22][real], tokens[0][real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dual_head, width", [("concat", 2), ("nli", 4)])
+@pytest.mark.parametrize("model_name", ENCODERS)
+def test_retrieval_dual_encoder_heads(model_name, dual_head, width):
+    cfg = small_config(dual_head=dual_head, num_classes=2)
+    model = build_model(model_name, cfg, "ln", dual=True)
+    assert model.head[0].in_features == width * cfg.emb_dim
+    assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [32, 16, 2]
+    (ids, mask), (ids2, mask2) = batch([39, 12], 39), batch([20, 7], 20)
+    model.eval()
+    logits = model(ids, mask, ids2, mask2)
+    assert logits.shape == (2, 2)
+    u, v = model.encoder(ids, mask), model.encoder(ids2, mask2)  # one encoder serves both towers
+    features = [u, v] if dual_head == "concat" else [u, v, u * v, u - v]
+    torch.testing.assert_close(logits, model.head(torch.cat(features, dim=-1)))
+
+
+@pytest.mark.parametrize("model_name", ENCODERS)
+@pytest.mark.parametrize("task_name", TASKS.names())
+def test_every_task_config_runs_every_encoder(task_name, model_name):
+    """The official config builds; the smoke config (same code paths, smaller) trains a step."""
+    task = TASKS.get(task_name)()
+    official = task.spec(Preset.official, model_name)[0]
+    build_model(model_name, official, "ln", dual=task.dual)
+    torch.manual_seed(0)
+    cfg = task.spec(Preset.smoke, model_name)[0]
+    model = build_model(model_name, cfg, "ln", dual=task.dual).train()
+    length = min(cfg.max_len, 200)
+    ids, mask = batch([length, length // 2], length, cfg.vocab_size)
+    inputs = (ids, mask, ids.flip(0), mask.flip(0)) if task.dual else (ids, mask)
+    logits = model(*inputs)
+    assert logits.shape == (2, cfg.num_classes)
+    logits.sum().backward()
