@@ -44,7 +44,7 @@ class ModelConfig:
     # Reformer (LRA models/reformer/reformer.py ReformerAttention defaults, spec §7.4).
     n_hashes: int = 1
     n_buckets: int = 10
-    reformer_faithful: bool = False  # True: the official sqrt(d)-multiplied logits, mask ignored
+    reformer_faithful: bool = False  # True: official sqrt(d)-multiplied logits, mask ignored, rotations fixed in training
 
 
 @dataclass(frozen=True)
