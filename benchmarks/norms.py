@@ -1,0 +1,200 @@
+"""DTN against LayerNorm on CPU: the norm alone and one training step of 4-layer encoders.
+
+    python -m benchmarks.norms                          # T = 1024, 2048, 4096; B=8, C=128, H=4
+    python -m benchmarks.norms --lengths 1024 --rounds 5
+
+Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
+gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
+``lra_dtn.dtn.TRUNCATION``) is 257 offsets, std ~17 tokens.
+
+Encoders are the size of ``benchmarks.encoders`` (emb = qkv = 128, mlp 512, 4 heads, 4 layers, CLS,
+dropout 0.1, attention dropout 0 so the Transformer runs PyTorch's fused attention), with ``T`` tokens
+plus CLS. A training step is forward, backward and an AdamW step on random labels, every sequence
+padded to a random length in ``[T/2, T]``. BigBird is measured once ``models.MODELS`` has it.
+
+Time: LayerNorm, DTN at init and DTN wide run in turn for ``--rounds`` rounds and each keeps its
+fastest, so a busy machine slows all of them alike; CPU time of the process is reported beside wall
+time. On a machine shared with other jobs both are unreliable for DTN at 2 threads (its many short
+parallel loops each wait for a descheduled thread): measure on an idle machine, or with ``--threads 1``.
+Memory: peak resident set over two training steps, in a fresh process per cell, minus the resident
+set before them.
+
+Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
+and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.encoders import RETRIEVAL_SIZE
+from lra_dtn.config import ModelConfig
+from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm, _make_plan
+from lra_dtn.norms import build_norm
+from models import MODELS, build_model
+
+BATCH, CHANNELS, HEADS = 8, 128, 4
+WIDE_HALF_WIDTH = 128
+NORMS = {"ln": ("ln", None), "dtn-init": ("dtn", None), "dtn-wide": ("dtn", WIDE_HALF_WIDTH)}
+
+
+def widen(module: torch.nn.Module, length: int, half_width: int = WIDE_HALF_WIDTH) -> None:
+    """Give every DTN head the centred Gaussian whose support is ``2 * half_width + 1`` offsets."""
+    for norm in module.modules():
+        if isinstance(norm, DynamicTokenNorm):
+            with torch.no_grad():
+                norm.pos_proj.weight[:, 0] = 0.0
+                norm.pos_proj.weight[:, 1] = -math.log(2 * length / TRUNCATION) / half_width**2
+
+
+def describe_kernels(length: int) -> str:
+    norm = DynamicTokenNorm(CHANNELS, HEADS)
+    init = _make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
+    widen(norm, length)
+    wide = _make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
+    return f"init: {init.width} offsets, {init.method}; wide: {wide.width} offsets, {wide.method}"
+
+
+def fastest(jobs: dict[str, callable], rounds: int) -> dict[str, tuple[float, float]]:
+    """Run every job once to warm up, then ``rounds`` times in turn: fastest (wall, CPU) seconds."""
+    best = {name: (math.inf, math.inf) for name in jobs}
+    for step in range(rounds + 1):
+        for name, job in jobs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            job()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if step:
+                best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def norm_jobs(length: int) -> dict[str, callable]:
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, length, CHANNELS, requires_grad=True)
+    grad = torch.randn(BATCH, length, CHANNELS)
+    mask = torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]
+    jobs = {}
+    for label, (name, half_width) in NORMS.items():
+        norm = build_norm(name, CHANNELS, HEADS)
+        if half_width:
+            widen(norm, length)
+        jobs[label] = lambda norm=norm: norm(x, mask).backward(grad)
+    return jobs
+
+
+def model_config(length: int) -> ModelConfig:
+    return ModelConfig(max_len=length, dropout=0.1, attn_dropout=0.0, **RETRIEVAL_SIZE)
+
+
+def training_step(model_name: str, label: str, length: int):
+    """A closure running one training step of ``model_name`` with the norm ``label``."""
+    torch.manual_seed(0)
+    name, half_width = NORMS[label]
+    cfg = model_config(length)
+    model = build_model(model_name, cfg, name).train()
+    if half_width:
+        widen(model, length + 1)  # + CLS
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(1, cfg.vocab_size, (BATCH, length))
+    mask = torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]
+    labels = torch.randint(0, cfg.num_classes, (BATCH,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids, mask), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def step_memory(model_name: str, label: str, length: int) -> float:
+    """MiB: peak resident set over two training steps minus the resident set before them (model, data
+    and everything imported): activations, gradients, optimizer state and any kept buffers."""
+    step = training_step(model_name, label, length)
+    before = _resident_mib()
+    step()
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_cell(model_name: str, label: str, length: int) -> float | None:
+    """:func:`step_memory` in a fresh interpreter, so the peak belongs to this cell alone."""
+    cmd = [sys.executable, "-m", "benchmarks.norms", "--memory-cell", model_name, label, str(length)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(f"memory cell {model_name} {label} T={length} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--rounds", type=int, default=3, help="timed repetitions of each training step")
+    parser.add_argument("--models", nargs="+", default=["transformer", "bigbird"])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory processes")
+    parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_cell:
+        model_name, label, length = args.memory_cell
+        print(step_memory(model_name, label, int(length)))
+        return
+
+    models = [m for m in args.models if m in MODELS]
+    for missing in sorted(set(args.models) - set(models)):
+        print(f"{missing}: not registered in models.MODELS, skipped", flush=True)
+    print(f"B={BATCH}, C={CHANNELS}, H={HEADS}, {torch.get_num_threads()} CPU threads. Ratios DTN/LN of the "
+          "fastest wall time (of the process CPU time); memory: peak resident set over two steps", flush=True)
+    results, lines = [], []
+    for length in args.lengths:
+        print(f"T={length}: kernels {describe_kernels(length)}", flush=True)
+        times = fastest(norm_jobs(length), rounds=max(5, args.rounds))
+        results.append(dict(T=length, what="norm", seconds={k: v[0] for k, v in times.items()},
+                            cpu_seconds={k: v[1] for k, v in times.items()}))
+        ln = times["ln"]
+        lines.append(f"| {length} | norm fwd+bwd | {1e3 * ln[0]:.2f} ms | " + " | ".join(
+            f"{1e3 * times[k][0]:.1f} ms, {ratio(times[k][0], ln[0])} ({ratio(times[k][1], ln[1])})"
+            for k in ("dtn-init", "dtn-wide")) + " | - | - |")
+        print(lines[-1], flush=True)
+        for model_name in models:
+            times = fastest({label: training_step(model_name, label, length) for label in NORMS}, rounds=args.rounds)
+            memory = {} if args.no_memory else {label: memory_cell(model_name, label, length) for label in NORMS}
+            results.append(dict(T=length, what=f"{model_name} step", seconds={k: v[0] for k, v in times.items()},
+                                cpu_seconds={k: v[1] for k, v in times.items()}, peak_mib=memory))
+            ln = times["ln"]
+            lines.append(f"| {length} | {model_name} step | {ln[0]:.2f} s | " + " | ".join(
+                f"{ratio(times[k][0], ln[0])} ({ratio(times[k][1], ln[1])})" for k in ("dtn-init", "dtn-wide"))
+                + f" | {memory.get('ln') or 0:.0f} MiB | "
+                + " / ".join(ratio(memory.get(k), memory.get("ln")) for k in ("dtn-init", "dtn-wide")) + " |")
+            print(lines[-1], flush=True)
+    print("\n| T | what | LN | DTN init / LN | DTN wide / LN | LN peak | memory DTN/LN init / wide |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

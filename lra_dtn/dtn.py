@@ -1,0 +1,679 @@
+"""Dynamic Token Normalization (Shao et al., ICLR 2022) for padded 1-D token sequences.
+
+The method, restated for sequences in ``specs/dtn.md`` and followed step by step here:
+
+1. per-head RMS pre-scaling ``x <- x / sqrt(mean_head(x^2) + eps)`` (the authors' code, "for stability");
+2. intra-token (LayerNorm) statistics over all ``C`` channels, with the *unbiased* variance;
+3. inter-token statistics with a positional prior: per head ``h`` a softmax over the real source tokens
+   ``i`` of ``w_h1 * (j - i) + w_h2 * (j - i)^2`` gives ``mu_in`` and ``var_in`` of output token ``j``;
+4. mixing by two sigmoid gates per head, ``gate_mean`` and ``gate_var``;
+5. standardise, then the affine ``weight``/``bias``.
+
+Step 3 is what must be fast at Long-Range-Arena lengths. The kernel depends on ``d = j - i`` only, so
+it is computed once per call, without the batch, as ``2T - 1`` float64 logits; the statistics are then
+convolutions of ``mask * x``, ``mask * x^2`` and ``mask`` with ``exp(logit - peak)``, the last one being
+each token's softmax normaliser, so padding never enters it. No ``(B, H, T, T)`` tensor exists. The
+convolution runs one of two ways, picked per call from the kernel's *effective width* (the offsets whose
+weight is not negligible, see :data:`TRUNCATION`):
+
+* ``conv``: a depthwise convolution over that support (oneDNN / cuDNN). At the local init the support
+  is 15 offsets;
+* ``fft``: FFT convolution in float64, for kernels so wide that its ``O(T log T)`` wins.
+
+Both agree with the dense float64 softmax to float32 precision for every real token. The numerical trap
+is a kernel whose peak some token cannot reach (sharply peaked far away, or curving upward): with one
+shift per head, all of that token's weights underflow. A real token is always its own source
+(``d = 0``), so this cannot happen while a head's peak is within :data:`DYNAMIC_RANGE` nats of its logit
+at ``d = 0`` (the init, and any kernel centred near the token); otherwise the tokens concerned are found
+exactly (:func:`_row_max_logit`) and their rows recomputed with their own shift (:class:`_ExactRows`).
+
+The normalizer is one ``autograd.Function`` with a hand-written backward. Like LayerNorm it keeps only
+its input and per-token scalars; backward recomputes the convolution. Both passes run over chunks of
+the batch, in reused buffers: on CPU, cache misses and page faults on fresh tensors cost more than the
+arithmetic (see :class:`_Workspace`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lra_dtn.norms import NORMS, Norm
+
+#: Dropped kernel mass, relative to the smallest softmax normaliser of any token the fast path serves.
+TRUNCATION = 1e-9
+#: Tokens whose own best logit is more than this below their head's peak are recomputed row by row:
+#: ``exp(-DYNAMIC_RANGE)`` times the truncation margin must stay a normal float32.
+DYNAMIC_RANGE = 50.0
+#: FFT rounding is relative to the largest output, and a real token's normaliser can be as small as its
+#: own weight ``exp(-rel)``: float64 FFT is used only when ``rel + log(sum of weights) <= 16``.
+FFT_RANGE = 16.0
+#: Measured on 2 CPU cores: the float64 FFT path costs about as much as a convolution with
+#: ``FFT_COST * log2(n) * n / T`` taps (``n`` the FFT length), so it pays off from ~1000 offsets.
+FFT_COST = 80.0
+#: oneDNN switches to a much slower depthwise kernel above about 2^23 elements; calls are split by batch.
+CONV_CHUNK = 1 << 22
+#: Both passes run over chunks of the batch of about this many tokens, so that their intermediate
+#: tensors stay in cache (whole-batch passes at T = 4096 were measured 2-3 times slower on CPU).
+CHUNK_TOKENS = 8192
+#: Normalisers below this belong to padded tokens no real token reaches (underflow or rounding noise).
+TINY = 1e-30
+METHODS = ("auto", "conv", "fft")
+
+
+def local_offsets(num_heads: int) -> Tensor:
+    """The integer-spaced offsets ``k_h`` of the local init, centred on zero.
+
+    The authors' ``center = (K - 1) / 2`` for even ``K`` and ``K // 2`` for odd ``K``; in 1-D ``K = H``,
+    so ``H = 4`` gives ``-1.5, -0.5, 0.5, 1.5`` and ``H = 3`` gives ``-1, 0, 1``."""
+    center = (num_heads - 1) / 2 if num_heads % 2 == 0 else num_heads // 2
+    return torch.arange(num_heads, dtype=torch.float64) - center
+
+
+def kernel_logits(pos_weight: Tensor, length: int, pos_bias: Tensor | None = None) -> Tensor:
+    """``(H, 2T - 1)`` logits of the offsets ``d = -(T-1) ... T-1`` (column ``d + T - 1``), in float64:
+    ``w2 * d^2`` reaches ``1e7`` at LRA lengths, where float32 rounding would move a weight by ``e``."""
+    d = torch.arange(1 - length, length, device=pos_weight.device, dtype=torch.float64)
+    bias = None if pos_bias is None else pos_bias.double()
+    return F.linear(torch.stack([d, d * d], dim=-1), pos_weight.double(), bias).T
+
+
+class DynamicTokenNorm(Norm):
+    """DTN over ``(B, T, C)`` tokens, ``C = num_heads * head_dim``; registered as ``dtn``.
+
+    Args:
+        dim: channels ``C`` (at least 2: the intra-token variance is unbiased).
+        num_heads: heads ``H``, the attention's head count. Head ``h`` owns channels
+            ``h * C/H ... (h + 1) * C/H - 1``.
+        only_var: the ``dtn_var`` variant (the code's ``only_var=True``): no ``gate_mean``, the mean is
+            LayerNorm's and only the variance is mixed.
+        locality_strength: scale of the local init (the authors use 1).
+        eps: under every square root (1e-5 as in the authors' code).
+        method: ``auto`` picks per call from the kernel's effective width; ``conv`` and ``fft`` force one
+            (``fft`` still convolves directly where FFT rounding could swamp some token's weights). All
+            give the same numbers to float32 precision.
+
+    Parameters: ``weight``, ``bias`` ``(C,)``; ``gate_mean``, ``gate_var`` ``(H,)`` (before the sigmoid,
+    init 0: both statistics mixed half and half); ``pos_proj``, an ``nn.Linear(2, H)`` on the features
+    ``(j - i, (j - i)^2)`` of output token ``j`` and source token ``i``. Its bias cancels in the softmax
+    (its gradient is exactly zero).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        only_var: bool = False,
+        locality_strength: float = 1.0,
+        eps: float = 1e-5,
+        method: str = "auto",
+    ) -> None:
+        super().__init__(dim, num_heads)
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if dim < 2:
+            raise ValueError(f"DTN needs at least 2 channels for the unbiased variance, got dim {dim}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        self.eps = eps
+        self.method = method
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        if only_var:
+            self.register_parameter("gate_mean", None)
+        else:
+            self.gate_mean = nn.Parameter(torch.zeros(num_heads))
+        self.gate_var = nn.Parameter(torch.zeros(num_heads))
+        self.pos_proj = nn.Linear(2, num_heads)
+        self.reset_positional_prior(locality_strength)
+
+    @torch.no_grad()
+    def reset_positional_prior(self, locality_strength: float = 1.0) -> None:
+        """The authors' init: truncated normal (std 0.02), then the local init.
+
+        Head ``h`` gets weight ``2 k_h`` on ``j - i`` and ``-1`` on ``(j - i)^2``, i.e. the logit
+        ``-(d - k_h)^2 + k_h^2``: a Gaussian window of variance 1/2 centred at offset ``k_h``."""
+        nn.init.trunc_normal_(self.pos_proj.weight, std=0.02)
+        nn.init.zeros_(self.pos_proj.bias)
+        offsets = local_offsets(self.num_heads).to(self.pos_proj.weight)
+        self.pos_proj.weight[:, 0] = 2 * offsets * locality_strength
+        self.pos_proj.weight[:, 1] = -locality_strength
+
+    def kernel_logits(self, length: int) -> Tensor:
+        """This module's ``(H, 2T - 1)`` float64 kernel logits (see :func:`kernel_logits`)."""
+        return kernel_logits(self.pos_proj.weight, length, self.pos_proj.bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected (B, T, {self.dim}) tokens, got {tuple(x.shape)}")
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
+        gate_mean = self.gate_var.new_full((self.num_heads,), math.inf) if self.gate_mean is None else self.gate_mean
+        return _DTNFunction.apply(
+            x, self.pos_proj.weight, self.pos_proj.bias, gate_mean, self.gate_var, self.weight, self.bias,
+            mask, self.num_heads, self.eps, self.method,
+        )
+
+    def extra_repr(self) -> str:
+        only_var = ", only_var=True" if self.gate_mean is None else ""
+        return f"{self.dim}, num_heads={self.num_heads}{only_var}, eps={self.eps}, method={self.method!r}"
+
+
+NORMS.register("dtn")(DynamicTokenNorm)
+
+
+@NORMS.register("dtn_var")
+class DynamicTokenVarNorm(DynamicTokenNorm):
+    """``dtn_var``: DTN with LayerNorm's mean; only the variance is mixed (the code's ``only_var``)."""
+
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(dim, num_heads, only_var=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel plan: support, shift and method, decided once per call from the logit table.
+
+
+@dataclass
+class _Plan:
+    table: Tensor  # (H, 2T - 1) float64 logits, no bias
+    kernel: Tensor  # (H, W) weights exp(logit - peak) of the offsets dmin ... dmax, compute dtype
+    dmin: int
+    dmax: int
+    peak: Tensor  # (H,) float64, the per-head shift
+    far: list[int]  # heads whose peak is more than DYNAMIC_RANGE above their logit at d = 0
+    method: str  # "conv" | "fft"
+
+    @property
+    def width(self) -> int:
+        return self.dmax - self.dmin + 1
+
+
+def _fast_fft_length(n: int) -> int:
+    """Smallest 5-smooth integer >= n (pocketfft and cuFFT are fastest on those)."""
+    best, p5 = 1 << max(n - 1, 0).bit_length(), 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) -> _Plan:
+    table = kernel_logits(pos_weight.detach(), length)
+    peak = table.max(dim=1).values
+    rel = peak - table[:, length - 1]  # >= 0: how far below its peak a head puts the token itself
+    reach = rel.clamp(max=DYNAMIC_RANGE)
+    # Keep every offset within reach + log(2T / TRUNCATION) nats of the peak: the dropped mass is at most
+    # TRUNCATION * exp(-reach), and every token the fast path serves has a normaliser >= exp(-reach).
+    keep = table >= (peak - reach - math.log(2 * length / TRUNCATION))[:, None]
+    keep[:, length - 1] = True
+    offsets = torch.nonzero(keep.any(dim=0)).flatten()
+    dmin, dmax = int(offsets[0]) - (length - 1), int(offsets[-1]) - (length - 1)
+    kernel = torch.exp(table[:, dmin + length - 1 : dmax + length] - peak[:, None])
+    far = [h for h in range(table.shape[0]) if rel[h] > DYNAMIC_RANGE]
+    chosen = "conv"
+    if method != "conv" and not far and float((rel + kernel.sum(dim=1).log()).max()) <= FFT_RANGE:
+        taps = 2 * max(dmax, -dmin) + 1
+        n = _fast_fft_length(length + max(dmax, -dmin))
+        if method == "fft" or FFT_COST * math.log2(n) * n / length < taps:
+            chosen = "fft"
+    return _Plan(table, kernel.to(dtype), dmin, dmax, peak, far, chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Workspace. On CPU a freshly allocated (B, T, C) tensor costs more in page faults than the arithmetic
+# done on it (glibc hands large blocks back to the OS on free), so every transient buffer of both passes
+# lives here, reused from call to call; only the output and the input gradient are fresh tensors, as in
+# LayerNorm. Nothing here is saved for backward or returned. Per thread, so concurrent calls are safe.
+
+
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A tensor of ``shape`` on ``like``'s device, of ``like``'s dtype unless ``dtype`` is given;
+        its content is whatever the last user left."""
+        dtype = like.dtype if dtype is None else dtype
+        key, numel = (name, dtype, like.device), math.prod(shape)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's reusable DTN buffers (they are reallocated on the next call)."""
+    _WORKSPACE.buffers.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolution engines. The values of one chunk are three tensors: m*xs and m*xs^2, (b, T, H, D), and the
+# mask per head, (b, T, H); their convolutions give the two numerators and the softmax normaliser. Kept
+# apart (not packed into one tensor) so that every elementwise pass runs on contiguous memory.
+
+
+class _Conv:
+    """Depthwise convolution (cross-correlation) over the support, on channels-last views of the
+    ``(b, T, channels)`` tensors, so no transpose is ever copied; the per-channel weights are built once."""
+
+    def __init__(self, plan: _Plan, head_dim: int) -> None:
+        self.radius = R = max(plan.dmax, -plan.dmin)  # symmetric padding: conv2d pads both sides alike
+        kernel = plan.kernel.new_zeros(plan.kernel.shape[0], 2 * R + 1)  # offsets -R ... R
+        kernel[:, plan.dmin + R : plan.dmax + R + 1] = plan.kernel
+        d = torch.arange(-R, R + 1, device=kernel.device, dtype=kernel.dtype)
+        # conv2d correlates: the forward convolution takes the kernel reversed, its adjoint as it is
+        taps = {"forward": kernel.flip(-1), "transpose": kernel}
+        taps.update({power: (kernel * d**power).flip(-1) for power in (1, 2)})  # d/dw1, d/dw2 of k
+        # (H, 2R + 1) -> (H * channels, 1, 1, 2R + 1), for tensors with head_dim and with 1 channel per head
+        self.weights = {
+            (name, per_head): t.repeat_interleave(per_head, dim=0)[:, None, None, :].contiguous()
+            for name, t in taps.items()
+            for per_head in {head_dim, 1}
+        }
+
+    def _correlate(self, x: Tensor, name, out: Tensor) -> Tensor:
+        """``out[t] = sum_w taps[w] * x[t + w - R]`` per channel, for ``x`` ``(b, T, H[, D])``."""
+        B, T = x.shape[:2]
+        channels = x[0, 0].numel()
+        weight = self.weights[(name, channels // x.shape[2])]
+        planes = x.view(B, T, channels).transpose(1, 2).unsqueeze(2)  # (B, channels, 1, T) channels-last
+        result = out.view(B, T, channels).transpose(1, 2).unsqueeze(2)
+        step = max(1, CONV_CHUNK // (T * channels))
+        with _exact_convolutions(x.device):
+            for i in range(0, B, step):
+                if _ONEDNN_ACCUMULATE and x.device.type == "cpu" and x.dtype == torch.float32:
+                    # oneDNN adds the convolution into the (zeroed) workspace: no fresh output to fault in
+                    torch.ops.mkldnn._convolution_pointwise_.binary(
+                        result[i : i + step].zero_(), planes[i : i + step], weight, None, [0, self.radius],
+                        [1, 1], [1, 1], channels, "add", None, None, [], None,
+                    )
+                else:
+                    chunk = planes[i : i + step]
+                    result[i : i + step] = F.conv2d(chunk, weight, padding=(0, self.radius), groups=channels)
+        return out
+
+    def conv(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out[j] = sum_d k(d) * x[j - d]``."""
+        return self._correlate(x, "forward", out)
+
+    def conv_transpose(self, g: Tensor, out: Tensor) -> Tensor:
+        """``out[i] = sum_d k(d) * g[i + d]``, the adjoint of :meth:`conv`."""
+        return self._correlate(g, "transpose", out)
+
+    def moments(self, grads: list[Tensor], values: list[Tensor]) -> Tensor:
+        """``(H, 2)``: ``sum_d k(d) d^p * sum_j <grads[j], values[j - d]>`` for ``p = 1, 2``, summed over
+        the ``(b, T, H, D)`` pairs given -- their share of the gradients of ``w1`` and ``w2``."""
+        moments = []
+        for power in (1, 2):
+            total = 0
+            for g, v in zip(grads, values):
+                shifted = self._correlate(v, power, _WORKSPACE.get("moment", v.shape, v))
+                total = total + shifted.mul_(g).sum(dim=-1)
+            moments.append(total.sum(dim=(0, 1)))
+        return torch.stack(moments, dim=-1)
+
+    def moment_convs(self, x: Tensor) -> list[Tensor]:
+        """The convolutions of ``x`` with ``k(d) d`` and ``k(d) d^2`` (fresh tensors)."""
+        return [self._correlate(x, power, torch.empty_like(x)) for power in (1, 2)]
+
+
+#: oneDNN's fused "convolution + add into a given tensor" (the op inductor uses), when this build has it.
+_ONEDNN_ACCUMULATE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+@contextlib.contextmanager
+def _exact_convolutions(device: torch.device):
+    """cuDNN would use TF32 (10-bit mantissa) for float32 convolutions by default."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled,
+        benchmark=torch.backends.cudnn.benchmark,
+        deterministic=torch.backends.cudnn.deterministic,
+        allow_tf32=False,
+    ):
+        yield
+
+
+class _FFT:
+    """FFT convolution in float64 along the tokens, zero-padded so no offset aliases."""
+
+    def __init__(self, plan: _Plan, head_dim: int) -> None:
+        self.plan = plan
+        device = plan.kernel.device
+        self.n = _fast_fft_length(plan.table.shape[1] // 2 + 1 + max(plan.dmax, -plan.dmin))
+        self.positions = torch.arange(plan.dmin, plan.dmax + 1, device=device) % self.n
+        circular = torch.zeros(plan.kernel.shape[0], self.n, dtype=torch.float64, device=device)
+        circular[:, self.positions] = plan.kernel.double()
+        self.spectrum = torch.fft.rfft(circular, dim=-1).T  # (F, H)
+        d = torch.arange(plan.dmin, plan.dmax + 1, device=device, dtype=torch.float64)
+        self.moment_spectra = []
+        for power in (1, 2):
+            circular[:, self.positions] = plan.kernel.double() * d**power
+            self.moment_spectra.append(torch.fft.rfft(circular, dim=-1).T)
+
+    def _spectrum(self, x: Tensor) -> Tensor:
+        return torch.fft.rfft(x.double(), n=self.n, dim=1)
+
+    def _apply(self, x: Tensor, spectrum: Tensor, out: Tensor) -> Tensor:
+        spectrum = spectrum if x.dim() == 3 else spectrum[..., None]
+        return out.copy_(torch.fft.irfft(self._spectrum(x) * spectrum, n=self.n, dim=1)[:, : x.shape[1]])
+
+    def conv(self, x: Tensor, out: Tensor) -> Tensor:
+        return self._apply(x, self.spectrum, out)
+
+    def conv_transpose(self, g: Tensor, out: Tensor) -> Tensor:
+        return self._apply(g, self.spectrum.conj(), out)
+
+    def moments(self, grads: list[Tensor], values: list[Tensor]) -> Tensor:
+        cross = 0
+        for g, v in zip(grads, values):
+            cross = cross + (self._spectrum(g) * self._spectrum(v).conj()).sum(dim=(0, 3))
+        lags = torch.fft.irfft(cross, n=self.n, dim=0)[self.positions].T  # (H, W): sum <g[j], v[j - d]>
+        return _kernel_moments(lags * self.plan.kernel.double(), self.plan.dmin).to(values[0].dtype)
+
+
+    def moment_convs(self, x: Tensor) -> list[Tensor]:
+        return [self._apply(x, spectrum, torch.empty_like(x)) for spectrum in self.moment_spectra]
+
+
+def _kernel_moments(grad_logits: Tensor, dmin: int) -> Tensor:
+    """``(H, 2)``: the gradients of ``w1``, ``w2`` from those of the logits of offsets ``dmin ...``."""
+    d = torch.arange(dmin, dmin + grad_logits.shape[-1], device=grad_logits.device, dtype=grad_logits.dtype)
+    return torch.stack([(grad_logits * d).sum(-1), (grad_logits * d * d).sum(-1)], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens the per-head shift cannot serve: exact softmax rows, shifted by each row's own best logit.
+
+
+def _row_max_logit(table: Tensor, mask: Tensor | None, length: int) -> Tensor:
+    """``(B or 1, T, H)``: the largest logit over each token's *real* sources, exactly.
+
+    A quadratic in ``d`` peaks (concave) at the source nearest to its vertex or (linear, convex) at one
+    of the two extreme sources, so four candidates per token suffice: the first and last real token and
+    the real tokens just before and after ``j - vertex``."""
+    device, heads = table.device, table.shape[0]
+    idx = torch.arange(length, device=device)
+    real = torch.ones(1, length, dtype=torch.bool, device=device) if mask is None else mask
+    before = torch.where(real, idx, -1).cummax(dim=1).values  # last real index <= t, or -1
+    after = torch.where(real, idx, length).flip(1).cummin(dim=1).values.flip(1)  # first real >= t, or T
+    centre = length - 1  # far heads need T >= 2, so d = -1, 0, 1 are in the table
+    w1 = (table[:, centre + 1] - table[:, centre - 1]) / 2
+    w2 = (table[:, centre + 1] + table[:, centre - 1]) / 2 - table[:, centre]
+    vertex = torch.where(w2 < 0, -w1 / (2 * w2).clamp(max=-1e-300), torch.zeros_like(w1))
+    target = (idx[:, None] - vertex[None, :]).clamp(0, length - 1)  # (T, H)
+    batch = real.shape[0]
+    candidates = [
+        before[:, target.floor().long().flatten()].view(batch, length, heads),
+        after[:, target.ceil().long().flatten()].view(batch, length, heads),
+        after[:, :1, None].expand(batch, length, heads),
+        before[:, -1:, None].expand(batch, length, heads),
+    ]
+    best = torch.full((batch, length, heads), -math.inf, dtype=torch.float64, device=device)
+    head = torch.arange(heads, device=device)
+    for source in candidates:
+        offset = idx[None, :, None] - source.clamp(0, length - 1) + centre
+        logit = torch.where((source >= 0) & (source < length), table[head, offset], -math.inf)
+        best = torch.maximum(best, logit)
+    return best
+
+
+class _ExactRows:
+    """Softmax rows computed directly (``O(T)`` each) for the real tokens of far heads whose best source
+    is more than :data:`DYNAMIC_RANGE` below the head's peak; only kernels peaked far from ``d = 0``."""
+
+    CHUNK = 1 << 22  # elements of one (rows, T) weight block
+
+    def __init__(self, plan: _Plan, mask: Tensor | None, batch: int, length: int) -> None:
+        self.table, self.mask, self.length = plan.table, mask, length
+        best = _row_max_logit(plan.table, mask, length).expand(batch, length, -1)
+        real = torch.ones(batch, length, dtype=torch.bool, device=best.device) if mask is None else mask
+        self.needy = torch.zeros(batch, length, plan.table.shape[0], dtype=torch.bool, device=best.device)
+        self.groups: list[tuple[int, int, Tensor, Tensor]] = []
+        for h in plan.far:
+            self.needy[..., h] = real & (best[..., h] < plan.peak[h] - DYNAMIC_RANGE)
+            for b in torch.nonzero(self.needy[..., h].any(dim=1)).flatten().tolist():
+                for rows in torch.nonzero(self.needy[b, :, h]).flatten().split(max(1, self.CHUNK // length)):
+                    self.groups.append((b, h, rows, best[b, rows, h]))
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def _weights(self, b: int, h: int, rows: Tensor, best: Tensor, dtype) -> tuple[Tensor, Tensor]:
+        offsets = rows[:, None] - torch.arange(self.length, device=rows.device)[None, :]
+        logits = self.table[h, offsets + (self.length - 1)] - best[:, None]
+        if self.mask is not None:
+            logits = logits.masked_fill(~self.mask[b][None, :], -math.inf)
+        return logits.exp().to(dtype), offsets
+
+    def forward(self, values: list[Tensor], sums: list[Tensor]) -> None:
+        """Overwrite these rows of ``sums`` with their exact sums (scaled per row: only ratios matter)."""
+        for b, h, rows, best in self.groups:
+            weights = self._weights(b, h, rows, best, values[0].dtype)[0]
+            for v, s in zip(values, sums):
+                s[b, rows, h] = weights @ v[b, :, h]
+
+    def backward(self, grads: list[Tensor], values: list[Tensor], grad_values: list[Tensor], moments: Tensor) -> None:
+        """Add these rows' share of the value gradients and of the ``w1, w2`` gradients (in place)."""
+        for b, h, rows, best in self.groups:
+            weights, offsets = self._weights(b, h, rows, best, values[0].dtype)
+            g_weights = 0
+            for g, v in zip(grads, values):  # (rows, T) gradient of the weights
+                g_rows, v_bh = g[b, rows, h], v[b, :, h]
+                g_weights = g_weights + (g_rows @ v_bh.T if v_bh.dim() == 2 else g_rows[:, None] * v_bh[None, :])
+            for g, gv in zip(grads, grad_values):  # the mask has no gradient
+                gv[b, :, h] += weights.T @ g[b, rows, h]
+            g_logits = (g_weights * weights).double()
+            d = offsets.double()
+            moments[h, 0] += (g_logits * d).sum().to(moments.dtype)
+            moments[h, 1] += (g_logits * d * d).sum().to(moments.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The normalizer as one autograd function. The elementwise work is written for PyTorch's fast CPU loops:
+# contiguous operands, per-head coefficients expanded to (H, D) (an (H, 1) operand, or a broadcast first
+# operand, runs a loop several times slower), in-place ops into workspace buffers, and the indicator of
+# the variance clamp as sign(var_in) (masked_fill with a boolean mask is ~30 times slower).
+
+
+class _Call:
+    """Everything a call needs besides its chunk of tokens, computed once for the whole batch:
+    steps 1-2 (per-token scalars), the kernel plan and engine, and broadcast-ready coefficients."""
+
+    def __init__(self, x, pos_weight, gate_mean, gate_var, weight, bias, mask, num_heads, eps, method) -> None:
+        B, T, C = x.shape
+        H, D = num_heads, C // num_heads
+        self.C, self.D, self.eps, self.mask = C, D, eps, mask
+        # Statistics in float32 at least: in bf16, E[x^2] - E[x]^2 goes negative (spec: "Precision").
+        self.dtype = dtype = torch.promote_types(x.dtype, torch.float32)
+        xh = x.to(dtype).reshape(B, T, H, D)
+
+        # 1. RMS pre-scaling per head; 2. LayerNorm statistics of xs = r * x over all C channels, from
+        # per-head moments (one pass; only a token nearly constant across its channels loses precision).
+        self.head_mean = xh.mean(dim=-1)
+        head_sq = torch.linalg.vector_norm(xh, dim=-1).square_().div_(D)
+        self.scale = torch.rsqrt(head_sq + eps)  # r, (B, T, H)
+        self.mu_ln = (self.scale * self.head_mean).mean(dim=-1)
+        # The authors use torch.var's default, the *unbiased* variance (divide by C - 1): kept.
+        var_ln = (self.scale.square() * head_sq).mean(dim=-1) - self.mu_ln.square()
+        self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
+
+        self.plan = _make_plan(pos_weight, T, method, dtype)
+        self.engine = _FFT(self.plan, D) if self.plan.method == "fft" else _Conv(self.plan, D)
+        self.lam_m, self.lam_v = torch.sigmoid(gate_mean.to(dtype)), torch.sigmoid(gate_var.to(dtype))
+
+        def per_channel(per_head: Tensor) -> Tensor:
+            return per_head[:, None].expand(H, D).contiguous()
+
+        self.w, self.b = weight.to(dtype).view(H, D), bias.to(dtype).view(H, D)
+        self.keep_in = per_channel(self.lam_m - 1)  # mu = xs - (xs - lam_m mu_ln) ... see centred()
+        self.var_in_weight = per_channel(1 - self.lam_v)
+        self.var_in_grad = per_channel((self.lam_v - 1) * 0.5)
+        self.shift = (-self.lam_m * self.mu_ln[..., None])[..., None]  # (B, T, H, 1)
+        self.var_base = (self.lam_v * self.var_ln[..., None]).add_(eps)[..., None]
+        self.scale4 = self.scale[..., None]
+        self.mask_f = None if mask is None else mask.to(dtype)[..., None]  # (B, T, 1)
+        self.masked_scale4 = self.scale4 if mask is None else self.scale4 * self.mask_f[..., None]
+        step = max(1, (CHUNK_TOKENS + T // 2) // T)
+        self.chunks = [slice(i, min(i + step, B)) for i in range(0, B, step)]
+        self.exact = [
+            _ExactRows(self.plan, None if mask is None else mask[c], c.stop - c.start, T) if self.plan.far else None
+            for c in self.chunks
+        ]
+        # The softmax normaliser of every token: the convolution of the mask, for the whole batch at once.
+        # Padded tokens take zero inter-token statistics: the spec asks only that their outputs be finite,
+        # and far from every real token their normaliser is rounding noise or underflow.
+        self.real = xh.new_ones(B, T, H) if mask is None else mask.to(dtype)[..., None].expand(B, T, H).contiguous()
+        norm = self.engine.conv(self.real, torch.empty_like(self.real))
+        for c, exact in zip(self.chunks, self.exact):
+            if exact:
+                exact.forward([self.real[c]], [norm[c]])
+        self.inv_norm = norm.clamp(min=TINY).reciprocal_().mul_(norm > TINY).mul_(self.real)[..., None]
+        self.real_moments: list[Tensor] | None = None  # backward's convolutions of the mask with k d, k d^2
+
+    def values(self, i: int, xh: Tensor) -> list[Tensor]:
+        """Chunk ``i``'s values (workspace): ``m*xs`` and ``m*xs^2``, ``(b, T, H, D)``."""
+        first = torch.mul(xh, self.masked_scale4[self.chunks[i]], out=_WORKSPACE.get("first", xh.shape, xh))
+        return [first, torch.mul(first, first, out=_WORKSPACE.get("second", xh.shape, xh))]  # m^2 = m
+
+    def inter_token(self, i: int, values: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Step 3 for chunk ``i``: ``mu_in`` and ``E_P[xs^2]``, ``(b, T, H, D)`` workspace."""
+        sums = [self.engine.conv(v, _WORKSPACE.get(name, v.shape, v)) for v, name in zip(values, ("mu_in", "mean_sq"))]
+        if self.exact[i]:
+            self.exact[i].forward(values, sums)
+        inv_norm = self.inv_norm[self.chunks[i]]
+        return sums[0].mul_(inv_norm), sums[1].mul_(inv_norm)
+
+    def rstd(self, c: slice, mu_in: Tensor, second: Tensor, var_out: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``var_in = max(E_P[x^2] - mu_in^2, 0)`` (rounding can push it below zero) and, step 4,
+        ``1 / sqrt(lam_v var_ln + (1 - lam_v) var_in + eps)``, into the given buffers."""
+        var_in = torch.addcmul(second, mu_in, mu_in, value=-1.0, out=var_out).clamp_(min=0.0)
+        return var_in, torch.mul(var_in, self.var_in_weight, out=out).add_(self.var_base[c]).rsqrt_()
+
+    def centred(self, c: slice, xh: Tensor, mu_in: Tensor, out: Tensor) -> Tensor:
+        """``xs - mu`` with ``xs = r x`` and the gated mean ``mu = lam_m mu_ln + (1 - lam_m) mu_in``."""
+        return torch.mul(xh, self.scale4[c], out=out).add_(self.shift[c]).addcmul_(mu_in, self.keep_in)
+
+
+class _DTNFunction(torch.autograd.Function):
+    """Keeps the input and per-token scalars, like LayerNorm; backward recomputes the inter-token
+    statistics (two convolutions per chunk: on CPU cheaper than keeping them in fresh memory)."""
+
+    @staticmethod
+    def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, eps, method):
+        with torch.autocast(x.device.type, enabled=False):
+            call = _Call(x, pos_weight, gate_mean, gate_var, weight, bias, mask, num_heads, eps, method)
+            xh = x.to(call.dtype).reshape(*call.scale.shape, call.D)
+            y = torch.empty_like(xh)
+            for i, c in enumerate(call.chunks):  # 3. inter-token statistics; 4. mixing; 5. standardise
+                values = call.values(i, xh[c])
+                mu_in, second = call.inter_token(i, values)
+                _, rstd = call.rstd(c, mu_in, second, var_out=values[0], out=values[1])
+                call.centred(c, xh[c], mu_in, out=y[c]).mul_(rstd.mul_(call.w)).add_(call.b)
+        ctx.save_for_backward(x, pos_bias, gate_mean, gate_var, weight, bias)
+        ctx.call = call
+        return y.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, pos_bias, gate_mean, gate_var, weight, bias = ctx.saved_tensors
+        call = ctx.call
+        with torch.autocast(grad_y.device.type, enabled=False):
+            xh = x.to(call.dtype).reshape(*call.scale.shape, call.D)
+            gy = grad_y.to(call.dtype).reshape(xh.shape)
+            grad_x = torch.empty_like(xh)
+            totals = torch.zeros(6, *call.w.shape, dtype=call.dtype, device=x.device)  # w, b, 2 gates, w1, w2
+            for i in range(len(call.chunks)):
+                _backward_chunk(call, i, xh, gy, grad_x, totals, kernel_grad=ctx.needs_input_grad[1])
+        lam_m, lam_v = call.lam_m, call.lam_v
+        grad_gate_mean = None
+        if ctx.needs_input_grad[3]:
+            grad_gate_mean = (totals[2, :, 0] * lam_m * (1 - lam_m)).to(gate_mean.dtype)
+        grad_gate_var = (totals[3, :, 0] * lam_v * (1 - lam_v)).to(gate_var.dtype)
+        grad_pos_weight = totals[4:6, :, 0].T.contiguous().to(pos_bias.dtype) if ctx.needs_input_grad[1] else None
+        return (
+            grad_x.view(x.shape).to(x.dtype), grad_pos_weight, torch.zeros_like(pos_bias), grad_gate_mean,
+            grad_gate_var, totals[0].reshape(-1).to(weight.dtype), totals[1].reshape(-1).to(bias.dtype),
+            None, None, None, None,
+        )
+
+
+def _backward_chunk(call: _Call, i: int, xh: Tensor, gy: Tensor, grad_x: Tensor, totals: Tensor, kernel_grad: bool):
+    """Backward of chunk ``i``: writes its rows of ``grad_x``, adds the parameter gradients to ``totals``."""
+    c, C, eps = call.chunks[i], call.C, call.eps
+    xh, gy, g_x, scale = xh[c], gy[c], grad_x[c], call.scale[c]
+    work = lambda name: _WORKSPACE.get(name, xh.shape, xh)  # noqa: E731
+    scratch = work("scratch")
+
+    values = call.values(i, xh)
+    mu_in, second = call.inter_token(i, values)
+    inv_norm = call.inv_norm[c]
+    var_in, rstd = call.rstd(c, mu_in, second, var_out=work("var_in"), out=work("rstd"))
+    xhat = call.centred(c, xh, mu_in, out=work("xhat")).mul_(rstd)
+    totals[0] += torch.mul(gy, xhat, out=scratch).sum(dim=(0, 1))
+    totals[1] += gy.sum(dim=(0, 1))
+    g_xs = torch.mul(gy, call.w, out=g_x).mul_(rstd)  # through xhat directly; minus this through mu
+    g_var = xhat.mul_(g_xs).mul_(rstd)  # -1/2 of this is the gradient of var
+    g_xs_heads, g_var_heads = g_xs.sum(dim=-1), g_var.sum(dim=-1)
+    # gates: d/d lam_m = sum g_mu (mu_ln - mu_in), d/d lam_v = sum g_var (var_ln - var_in)
+    mu_ln, var_ln = call.mu_ln[c, :, None], call.var_ln[c, :, None]
+    g_lam_m = torch.mul(g_xs, mu_in, out=scratch).sum(dim=-1) - g_xs_heads * mu_ln
+    totals[2] += g_lam_m.sum(dim=(0, 1))[:, None]
+    g_lam_v = torch.mul(g_var, var_in, out=scratch).sum(dim=-1) - g_var_heads * var_ln
+    totals[3] += g_lam_v.sum(dim=(0, 1))[:, None] * 0.5
+
+    # Inter-token branch: mu_in = N1/Z and second = N2/Z for the sums N1, N2, Z of the convolution;
+    # d var_in / d(second - mu_in^2) = 1 where it was not clamped at 0, i.e. sign(var_in).
+    g_var_in = g_var.mul_(call.var_in_grad).mul_(torch.sign(var_in, out=var_in))
+    g_sum1 = torch.mul(g_xs, call.keep_in, out=work("g_sum1")).addcmul_(mu_in, g_var_in, value=-2.0).mul_(inv_norm)
+    g_sum2 = g_var_in.mul_(inv_norm)
+    g_norm = torch.mul(g_sum1, mu_in, out=scratch).addcmul_(g_sum2, second).sum(dim=-1).neg_()
+    exact, row_grads = call.exact[i], None
+    if exact:  # the exact rows take their gradients from row_grads; the convolutions must not
+        row_grads = [g.clone() for g in (g_sum1, g_sum2, g_norm)]  # rare: only far-peaked kernels
+        for g in (g_sum1, g_sum2, g_norm):
+            g.masked_fill_(exact.needy if g.dim() == 3 else exact.needy[..., None], 0.0)
+    g_first = call.engine.conv_transpose(g_sum1, work("g_first"))
+    g_second = call.engine.conv_transpose(g_sum2, work("g_second"))
+    if kernel_grad:
+        if call.real_moments is None:  # the mask's share needs its convolutions with k d, k d^2: once a call
+            call.real_moments = call.engine.moment_convs(call.real)
+        moments = call.engine.moments([g_sum1, g_sum2], values)
+        moments += torch.stack([(g_norm * conv[c]).sum(dim=(0, 1)) for conv in call.real_moments], dim=-1)
+        if exact:
+            exact.backward(row_grads, [*values, call.real[c]], [g_first, g_second], moments)
+        totals[4:6] += moments.T[..., None]
+    elif exact:
+        exact.backward(row_grads, [*values, call.real[c]], [g_first, g_second], xh.new_zeros(xh.shape[2], 2))
+
+    # d(m*xs) = m, d(m*xs^2) = 2*m*xs, with xs = r x.
+    if call.mask is not None:
+        g_first.mul_(call.mask_f[c, ..., None])
+    g_first.addcmul_(g_second.mul_(2 * call.masked_scale4[c]), xh)
+    g_head = g_xs.add_(g_first)
+    # The LayerNorm statistics add alpha + beta * xs per token; the RMS pre-scaling then maps g to
+    # r (g - xs mean_head(g xs)), where mean_head(xs) and mean_head(xs^2) = 1 - eps r^2 are known.
+    beta = (g_var_heads * call.lam_v).sum(dim=-1, keepdim=True) * (-1.0 / (C - 1))
+    alpha = (g_xs_heads * call.lam_m).sum(dim=-1, keepdim=True) * (-1.0 / C) - beta * mu_ln
+    dot = torch.mul(g_head, xh, out=scratch).mean(dim=-1).mul_(scale)
+    dot += alpha * call.head_mean[c] * scale + beta * (1 - eps * scale.square())
+    g_head.mul_(call.scale4[c]).add_((scale * alpha)[..., None])
+    g_head.addcmul_(xh, (scale.square() * (beta - dot))[..., None])

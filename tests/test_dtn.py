@@ -1,0 +1,356 @@
+"""Dynamic Token Normalization against the dense float64 reference of the spec (specs/dtn.md)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lra_dtn.dtn as dtn
+from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm, local_offsets
+from lra_dtn.norms import NORMS, InstanceNorm, Norm, build_norm
+
+METHODS = ("conv", "fft", "auto")
+
+
+def dense_reference(norm: DynamicTokenNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The spec's reference, written from it alone: a float64 ``(B, H, T, T)`` softmax."""
+    x = x.double()
+    B, T, C = x.shape
+    H, eps = norm.num_heads, norm.eps
+    xh = x.view(B, T, H, C // H)
+    xh = xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)  # 1. per-head RMS pre-scaling
+    xs = xh.reshape(B, T, C)
+    mu_ln, var_ln = xs.mean(-1), xs.var(-1)  # 2. unbiased, as torch.var
+    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).double()  # j - i
+    w = norm.pos_proj.weight.detach().double()
+    logits = (w[:, 0, None, None] * d + w[:, 1, None, None] * d * d).expand(B, H, T, T)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
+    P = torch.softmax(logits, dim=-1)  # 3.
+    per_head = xh.permute(0, 2, 1, 3)
+    mu_in = (P @ per_head).permute(0, 2, 1, 3)
+    var_in = (P @ per_head.square()).permute(0, 2, 1, 3) - mu_in.square()
+    ones = torch.ones(H, dtype=torch.float64)
+    lam_m = ones if norm.gate_mean is None else torch.sigmoid(norm.gate_mean.detach().double())
+    lam_v = torch.sigmoid(norm.gate_var.detach().double())
+    mu = lam_m[:, None] * mu_ln[..., None, None] + (1 - lam_m)[:, None] * mu_in  # 4.
+    var = lam_v[:, None] * var_ln[..., None, None] + (1 - lam_v)[:, None] * var_in
+    y = ((xh - mu) / torch.sqrt(var + eps)).reshape(B, T, C)  # 5.
+    return y * norm.weight.detach().double() + norm.bias.detach().double()
+
+
+def randomised(norm: DynamicTokenNorm, w1: float, w2: float, seed: int = 0) -> DynamicTokenNorm:
+    """Random gates and affine; per-head kernel ``w1 * d + w2 * d^2``, jittered by 10% per head."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (norm.gate_mean, norm.gate_var, norm.bias):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=g))
+        norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        jitter = 1 + 0.1 * torch.randn(norm.num_heads, generator=g)
+        norm.pos_proj.weight[:, 0] = w1 * jitter
+        norm.pos_proj.weight[:, 1] = w2 * jitter
+        norm.pos_proj.bias.normal_(generator=g)  # cancels in the softmax
+    return norm
+
+
+def masks(batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.arange(length)[None] < torch.randint(1, length + 1, (batch,), generator=g)[:, None]
+    scattered = torch.rand(batch, length, generator=g) < 0.5
+    one = torch.zeros(batch, length, dtype=torch.bool)
+    one[torch.arange(batch), torch.randint(0, length, (batch,), generator=g)] = True
+    return {"none": None, "prefix": prefix, "scattered": scattered, "all-but-one": one}
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> float:
+    real = torch.ones(y.shape[:2], dtype=torch.bool) if mask is None else mask
+    if not real.any():
+        return 0.0
+    return ((y.double() - ref).abs()[real].max() / ref.abs()[real].max()).item()
+
+
+KERNELS = {  # (w1, w2) of logit = w1 * d + w2 * d^2
+    "init": None,
+    "sharp": (0.0, -40.0),
+    "wide": (0.02, -2e-3),
+    "flat": (0.0, 0.0),
+    "shifted": (30.0, -1.0),  # peak at d = 15, outside short sequences
+    "far-shifted": (2000.0, -4.0),  # peak at d = 250: the per-token shift is needed
+    "linear": (2.0, 0.0),  # grows without bound across the sequence
+    "upward": (0.0, 0.3),  # inverted: the farthest tokens dominate
+    "upward-shifted": (-6.0, 0.05),
+}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of one or two sequences, so the chunked passes are exercised at test sizes."""
+    monkeypatch.setattr(dtn, "CHUNK_TOKENS", 48)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_every_path_matches_the_dense_reference(method: str, kernel: str, small_chunks) -> None:
+    for seed, length in enumerate((1, 2, 61)):
+        norm = DynamicTokenNorm(24, 4, method=method)
+        if KERNELS[kernel] is not None:
+            randomised(norm, *KERNELS[kernel], seed=seed)
+        x = torch.randn(3, length, 24, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
+        for name, mask in masks(3, length, seed).items():
+            y = norm(x, mask)
+            assert torch.isfinite(y).all(), (kernel, length, name)
+            err = relative_error(y, dense_reference(norm, x, mask), mask)
+            assert err < 1e-5, (kernel, length, name, err)
+
+
+def test_auto_convolves_at_init_and_uses_fft_for_the_widest_kernels() -> None:
+    norm = DynamicTokenNorm(32, 4)
+    plan = dtn._make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
+    assert plan.method == "conv" and plan.width == 15  # offsets -7 ... 7: heads at -1.5 ... 1.5
+    randomised(norm, 0.0, 0.0)  # flat: every offset of the sequence counts
+    plan = dtn._make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
+    assert plan.method == "fft" and plan.width == 2047
+    randomised(norm, 3000.0, -5.0)  # far peak: FFT rounding could swamp some tokens' weights
+    assert dtn._make_plan(norm.pos_proj.weight, 1024, "fft", torch.float32).method == "conv"
+
+
+def test_long_sequences_match_the_reference() -> None:
+    norm = randomised(DynamicTokenNorm(16, 4), 0.3, -0.02, seed=3)
+    x = torch.randn(2, 700, 16)
+    mask = torch.arange(700)[None] < torch.tensor([[700], [333]])
+    for method in ("conv", "fft"):
+        norm.method = method
+        assert relative_error(norm(x, mask), dense_reference(norm, x, mask), mask) < 1e-5
+
+
+def test_dtn_var_keeps_the_layernorm_mean() -> None:
+    norm = randomised(DynamicTokenVarNorm(16, 2), 0.5, -0.3)
+    assert norm.gate_mean is None and NORMS.get("dtn_var") is DynamicTokenVarNorm
+    x = torch.randn(2, 30, 16)
+    mask = torch.arange(30)[None] < torch.tensor([[30], [11]])
+    assert relative_error(norm(x, mask), dense_reference(norm, x, mask), mask) < 1e-5
+
+
+def float64_case(method: str, w1: float, w2: float, mask_kind: str, only_var: bool = False):
+    """A small float64 problem: the module, its parameters as leaves, the inputs and the mask."""
+    norm = randomised(DynamicTokenNorm(8, 2, method=method, only_var=only_var), w1, w2).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 8, dtype=torch.float64, generator=g)
+    mask = {
+        "none": None,
+        "prefix": torch.arange(9)[None] < torch.tensor([[9], [4]]),
+        "scattered": torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1], [0, 0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool),
+    }[mask_kind]
+    params = {k: v.detach().clone() for k, v in norm.named_parameters()}
+    return norm, params, x, mask
+
+
+@pytest.mark.parametrize(
+    "method, w1, w2, mask_kind, only_var",
+    [
+        ("conv", 1.0, -1.0, "prefix", False),
+        ("fft", 0.2, -0.1, "scattered", False),
+        ("conv", 0.3, -0.2, "none", True),
+        ("conv", 90.0, -1.0, "prefix", False),  # far peak: the exact per-token rows
+        ("conv", 0.0, 2.0, "scattered", False),  # upward
+    ],
+)
+def test_gradcheck_float64(method: str, w1: float, w2: float, mask_kind: str, only_var: bool, monkeypatch) -> None:
+    monkeypatch.setattr(dtn, "CHUNK_TOKENS", 8)  # one sequence per chunk
+    norm, params, x, mask = float64_case(method, w1, w2, mask_kind, only_var)
+    names = [k for k in params if k != "pos_proj.bias"]  # the bias cancels: its gradient is ~0
+
+    def f(x, *leaves):
+        return functional_call(norm, {**params, **dict(zip(names, leaves))}, (x, mask))
+
+    leaves = [params[k].requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), *leaves), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("method", ("conv", "fft"))
+def test_float32_gradients_match_the_reference(method: str, small_chunks) -> None:
+    norm = randomised(DynamicTokenNorm(16, 4, method=method), 0.2, -0.05, seed=5)
+    x = torch.randn(3, 40, 16)
+    mask = torch.arange(40)[None] < torch.tensor([[40], [17], [1]])
+    grad_y = torch.randn(3, 40, 16) * mask[..., None]
+    x32 = x.clone().requires_grad_()
+    norm(x32, mask).backward(grad_y)
+    ref_norm = DynamicTokenNorm(16, 4).double()
+    ref_norm.load_state_dict(norm.state_dict())
+    x64 = x.double().requires_grad_()
+    # The reference differentiated by autograd (it reads the parameters detached, so rebuild it here).
+    params = dict(ref_norm.named_parameters())
+    y64 = _differentiable_reference(params, x64, mask, 4, norm.eps)
+    y64.backward(grad_y.double())
+    assert (x32.grad.double() - x64.grad).abs().max() < 1e-5 * x64.grad.abs().max()
+    for name, p in norm.named_parameters():
+        ref = params[name].grad
+        if name == "pos_proj.bias":
+            assert p.grad.abs().max() < 1e-4 * (1 + params["pos_proj.weight"].grad.abs().max())
+            continue
+        assert (p.grad.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-7, name
+
+
+def _differentiable_reference(params, x, mask, heads, eps):
+    B, T, C = x.shape
+    xh = x.view(B, T, heads, C // heads)
+    xh = xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)
+    xs = xh.reshape(B, T, C)
+    mu_ln, var_ln = xs.mean(-1), xs.var(-1)
+    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).double()
+    w = params["pos_proj.weight"]
+    logits = (w[:, 0, None, None] * d + w[:, 1, None, None] * d * d + params["pos_proj.bias"][:, None, None])
+    logits = logits.expand(B, heads, T, T).masked_fill(~mask[:, None, None, :], -math.inf)
+    P = torch.softmax(logits, dim=-1)
+    per_head = xh.permute(0, 2, 1, 3)
+    mu_in = (P @ per_head).permute(0, 2, 1, 3)
+    var_in = (P @ per_head.square()).permute(0, 2, 1, 3) - mu_in.square()
+    lam_m, lam_v = torch.sigmoid(params["gate_mean"]), torch.sigmoid(params["gate_var"])
+    mu = lam_m[:, None] * mu_ln[..., None, None] + (1 - lam_m)[:, None] * mu_in
+    var = lam_v[:, None] * var_ln[..., None, None] + (1 - lam_v)[:, None] * var_in
+    y = ((xh - mu) / torch.sqrt(var + eps)).reshape(B, T, C)
+    return y * params["weight"] + params["bias"]
+
+
+def rms_prescaled(x: torch.Tensor, heads: int, eps: float = 1e-5) -> torch.Tensor:
+    B, T, C = x.shape
+    xh = x.view(B, T, heads, C // heads)
+    return (xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("method", ("conv", "fft"))
+def test_gates_at_plus_infinity_give_layernorm_of_the_prescaled_input(method: str) -> None:
+    norm = randomised(DynamicTokenNorm(32, 4, method=method), 0.7, -0.4)
+    with torch.no_grad():
+        norm.gate_mean.fill_(math.inf)
+        norm.gate_var.fill_(math.inf)
+    x = torch.randn(2, 50, 32) * 3 + 1
+    mask = torch.arange(50)[None] < torch.tensor([[50], [20]])
+    xs = rms_prescaled(x, 4)
+    # LayerNorm with the *unbiased* variance (torch.var's default, as in the authors' code)
+    expected = (xs - xs.mean(-1, keepdim=True)) / torch.sqrt(xs.var(-1, keepdim=True) + 1e-5)
+    expected = expected * norm.weight + norm.bias
+    torch.testing.assert_close(norm(x, mask), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("conv", "fft"))
+def test_flat_kernel_and_gates_at_minus_infinity_give_masked_instance_norm(method: str) -> None:
+    norm = DynamicTokenNorm(32, 4, method=method)
+    instance = InstanceNorm(32, 4)
+    with torch.no_grad():
+        norm.pos_proj.weight.zero_()
+        norm.gate_mean.fill_(-math.inf)
+        norm.gate_var.fill_(-math.inf)
+        norm.weight.normal_()
+        instance.weight.copy_(norm.weight)
+    x = torch.randn(3, 80, 32) * 2 - 1
+    mask = torch.arange(80)[None] < torch.tensor([[80], [45], [1]])
+    real = mask[..., None]
+    expected = instance(rms_prescaled(x, 4), mask)
+    torch.testing.assert_close(norm(x, mask) * real, expected * real, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("conv", "fft"))
+def test_padding_never_reaches_real_tokens(method: str, small_chunks) -> None:
+    norm = randomised(DynamicTokenNorm(16, 4, method=method), 0.4, -0.01, seed=7)
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    lengths = torch.tensor([30, 12])
+    grad_y = torch.randn(2, 30, 16)
+    y = norm(x, torch.arange(30)[None] < lengths[:, None])
+    (y * grad_y).sum().backward()
+    # the same sequences with 50 more padded tokens of arbitrary content
+    padded = torch.cat([x.detach(), 1e3 * torch.randn(2, 50, 16)], dim=1).requires_grad_()
+    mask = torch.arange(80)[None] < lengths[:, None]
+    y_padded = norm(padded, mask)
+    assert torch.isfinite(y_padded).all()
+    (y_padded[:, :30] * grad_y).sum().backward()
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(y_padded[b, :n], y[b, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.grad[:, :30], x.grad, rtol=1e-4, atol=1e-5)
+    assert (padded.grad[:, 30:] == 0).all()  # the extra padding influences nothing
+
+
+def test_no_nan_at_the_extremes() -> None:
+    for w1, w2 in [(0.0, -1e4), (1e4, -1e-3), (-5e3, -20.0), (50.0, 0.0), (0.0, 5.0), (-40.0, 1.0), (0.0, 0.0)]:
+        norm = randomised(DynamicTokenNorm(16, 4), w1, w2)
+        for length in (1, 2, 300):
+            x = torch.randn(3, length, 16, requires_grad=True)
+            mask = torch.zeros(3, length, dtype=torch.bool)
+            mask[0] = True
+            mask[1, -1] = True  # all but one padded; sequence 2 has no real token at all
+            y = norm(x, mask)
+            y.sum().backward()
+            assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), (w1, w2, length)
+            assert all(torch.isfinite(p.grad).all() for p in norm.parameters()), (w1, w2, length)
+
+
+def test_bf16_autocast_computes_statistics_in_float32() -> None:
+    norm = randomised(DynamicTokenNorm(32, 4), 0.1, -0.01)
+    x = (torch.randn(2, 64, 32) * 0.5 + 20).bfloat16()  # large mean, small spread: E[x^2] - E[x]^2 cancels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), norm(x.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_local_init_gives_each_head_a_gaussian_window_at_its_offset() -> None:
+    assert local_offsets(4).tolist() == [-1.5, -0.5, 0.5, 1.5]
+    assert local_offsets(8).tolist() == [-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5]
+    assert local_offsets(3).tolist() == [-1.0, 0.0, 1.0]
+    for heads in (3, 4, 8):
+        norm = DynamicTokenNorm(8 * heads, heads)
+        logits = norm.kernel_logits(32).detach()
+        d = torch.arange(-31, 32, dtype=torch.float64)
+        for h, k in enumerate(local_offsets(heads).tolist()):
+            window = torch.softmax(logits[h], 0)
+            gaussian = torch.softmax(-((d - k) ** 2), 0)  # exp(-(d - k_h)^2): variance 1/2 around k_h
+            torch.testing.assert_close(window, gaussian, rtol=1e-6, atol=1e-7)
+            assert norm.pos_proj.weight[h, 0].item() == 2 * k and norm.pos_proj.weight[h, 1].item() == -1
+
+
+def test_parameters_and_registry() -> None:
+    norm = build_norm("dtn", 64, 4)
+    assert isinstance(norm, (Norm, DynamicTokenNorm))
+    shapes = {name: tuple(p.shape) for name, p in norm.named_parameters()}
+    assert shapes == {
+        "weight": (64,), "bias": (64,), "gate_mean": (4,), "gate_var": (4,),
+        "pos_proj.weight": (4, 2), "pos_proj.bias": (4,),
+    }
+    assert isinstance(norm.pos_proj, torch.nn.Linear) and norm.pos_proj.in_features == 2
+    assert (norm.gate_mean == 0).all() and (norm.gate_var == 0).all()  # sigmoid(0): half and half
+    assert isinstance(build_norm("dtn_var", 64, 4), Norm)
+    with pytest.raises(ValueError, match="divisible"):
+        DynamicTokenNorm(30, 4)
+    with pytest.raises(ValueError, match="method"):
+        DynamicTokenNorm(32, 4, method="dense")
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kernel", [None, (0.0, -1e-4)])
+def test_never_materialises_a_batch_head_token_token_tensor(kernel) -> None:
+    B, T, C, H = 2, 512, 16, 4
+    norm = DynamicTokenNorm(C, H)
+    if kernel is not None:
+        randomised(norm, *kernel)
+    x = torch.randn(B, T, C, requires_grad=True)
+    mask = torch.arange(T)[None] < torch.tensor([[T], [300]])
+    with _LargestTensor() as probe:
+        norm(x, mask).sum().backward()
+    assert probe.largest < B * H * T * T // 8, probe.largest
