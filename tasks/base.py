@@ -7,7 +7,7 @@ pipeline, and, for ListOps and Pathfinder, can generate them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
@@ -89,6 +89,18 @@ class Task:
 
 
 TASKS: Registry[type[Task]] = Registry("task")
+
+# The encoder shapes of the small presets, shared by the sequence tasks: ``cpu`` learns on 2 cores in
+# minutes, ``smoke`` runs in seconds. Everything else (vocabulary, pooling, positions) stays official.
+PRESET_SHAPES = {
+    Preset.cpu: dict(num_layers=2, emb_dim=64, qkv_dim=64, mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0),
+    Preset.smoke: dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4),
+}
+
+
+def small_model(official: ModelConfig, preset: Preset, max_len: int) -> ModelConfig:
+    """The official config shrunk to the ``cpu`` or ``smoke`` shape, for sequences up to ``max_len``."""
+    return replace(official, max_len=max_len, **PRESET_SHAPES[preset])
 
 
 def require(path: Path, what: str) -> Path:

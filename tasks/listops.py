@@ -19,7 +19,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task
+from tasks.base import TASKS, DataOptions, Task, small_model
 
 # Generator constants (LRA data/listops.py). [FIRST and [LAST exist there but are commented out.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -273,13 +273,11 @@ class ListOps(Task):
         if preset == Preset.official:
             return OFFICIAL_MODEL, OFFICIAL_TRAIN, ListOpsData()
         if preset == Preset.cpu:
-            return (replace(OFFICIAL_MODEL, max_len=CPU_DATA.max_length, num_layers=2, emb_dim=64, qkv_dim=64,
-                            mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0),
+            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
                     replace(OFFICIAL_TRAIN, batch_size=32, steps=2000, lr=0.05, warmup=200, eval_every=200,
                             checkpoint_every=200),
                     CPU_DATA)
-        return (replace(OFFICIAL_MODEL, max_len=SMOKE_DATA.max_length, num_layers=1, emb_dim=32, qkv_dim=32,
-                        mlp_dim=64, num_heads=4),
+        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
                 replace(OFFICIAL_TRAIN, batch_size=16, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
                 SMOKE_DATA)
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require
+from tasks.base import TASKS, SplitLimits, Task, require, small_model
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
@@ -97,12 +97,10 @@ class Retrieval(Task):
         if preset == Preset.official:
             return OFFICIAL_MODEL, OFFICIAL_TRAIN, RetrievalData()
         if preset == Preset.cpu:
-            return (replace(OFFICIAL_MODEL, max_len=CPU_DATA.max_length, num_layers=2, emb_dim=64, qkv_dim=64,
-                            mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0),
+            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
                     replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200),
                     CPU_DATA)
-        return (replace(OFFICIAL_MODEL, max_len=SMOKE_DATA.max_length, num_layers=1, emb_dim=32, qkv_dim=32,
-                        mlp_dim=64, num_heads=4),
+        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
                 replace(OFFICIAL_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
                 SMOKE_DATA)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require
+from tasks.base import TASKS, SplitLimits, Task, require, small_model
 
 IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_WHAT = f"the Stanford IMDB release ({IMDB_URL}, unpacked into --data-dir)"
@@ -88,12 +88,10 @@ class Text(Task):
         if preset == Preset.official:
             return OFFICIAL_MODEL, OFFICIAL_TRAIN, TextData()
         if preset == Preset.cpu:
-            return (replace(OFFICIAL_MODEL, max_len=CPU_DATA.max_length, num_layers=2, emb_dim=64, qkv_dim=64,
-                            mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0),
+            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
                     replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200),
                     CPU_DATA)
-        return (replace(OFFICIAL_MODEL, max_len=SMOKE_DATA.max_length, num_layers=1, emb_dim=32, qkv_dim=32,
-                        mlp_dim=64, num_heads=4),
+        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
                 replace(OFFICIAL_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
                 SMOKE_DATA)
 
