@@ -80,7 +80,8 @@ class BigBirdAttention(nn.Module):
         canonical_len = cfg.max_len + (cfg.pooling == "cls")
         self.num_blocks = math.ceil(canonical_len / cfg.block_size)
         self.dense = self.num_blocks <= 2 + WINDOW + cfg.num_random_blocks
-        graph = torch.stack(
+        # Dense layers have no sparse pattern (and too few blocks to draw random ones from).
+        graph = torch.zeros(cfg.num_heads, self.num_blocks, 0, dtype=torch.long) if self.dense else torch.stack(
             [random_blocks(self.num_blocks, cfg.num_random_blocks, seed, layer, h) for h in range(cfg.num_heads)]
         )
         # (H, N, r); a pure function of (seed, layer), so it is rebuilt rather than checkpointed.

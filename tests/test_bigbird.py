@@ -125,3 +125,18 @@ def test_attention_dropout_in_training_only():
 def test_longer_than_max_len_fails_clearly():
     with pytest.raises(ValueError, match="exceeds"):
         BigBirdAttention(config())(torch.randn(1, 65, 24), torch.ones(1, 65, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("max_len", [128, 200, 300])
+def test_lengths_too_short_for_the_pattern_build_and_run_dense(max_len):
+    """3-8 blocks: too few for 3 random blocks outside the window, so the layer is dense (no graph)."""
+    from models import build_model
+
+    cfg = ModelConfig(vocab_size=20, num_classes=2, max_len=max_len, num_layers=1, emb_dim=32, qkv_dim=32,
+                      mlp_dim=32, num_heads=4)
+    torch.manual_seed(0)
+    sparse = build_model("bigbird", cfg, "ln").eval()
+    torch.manual_seed(0)
+    dense = build_model("transformer", cfg, "ln").eval()
+    ids, mask = torch.randint(1, 20, (2, max_len)), torch.ones(2, max_len, dtype=torch.bool)
+    torch.testing.assert_close(sparse(ids, mask), dense(ids, mask))
