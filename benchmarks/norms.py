@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             ln = times["ln"]
             lines.append(f"| {length} | {model_name} step | {ln[0]:.2f} s | " + " | ".join(
                 f"{ratio(times[k][0], ln[0])} ({ratio(times[k][1], ln[1])})" for k in ("dtn-init", "dtn-wide"))
-                + f" | {memory.get('ln') or 0:.0f} MiB | "
+                + (f" | {memory['ln']:.0f} MiB | " if memory.get("ln") else " | - | ")
                 + " / ".join(ratio(memory.get(k), memory.get("ln")) for k in ("dtn-init", "dtn-wide")) + " |")
             print(lines[-1], flush=True)
     print("\n| T | what | LN | DTN init / LN | DTN wide / LN | LN peak | memory DTN/LN init / wide |")

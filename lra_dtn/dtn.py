@@ -353,9 +353,10 @@ def _exact_convolutions(device: torch.device):
 
 
 class _FFT:
-    """FFT convolution in float64 along the tokens, zero-padded so no offset aliases."""
+    """FFT convolution in float64 along the tokens, zero-padded so no offset aliases; same interface
+    as :class:`_Conv` (the per-head spectrum broadcasts over a head's channels)."""
 
-    def __init__(self, plan: _Plan, head_dim: int) -> None:
+    def __init__(self, plan: _Plan) -> None:
         self.plan = plan
         device = plan.kernel.device
         self.n = _fast_fft_length(plan.table.shape[1] // 2 + 1 + max(plan.dmax, -plan.dmin))
@@ -388,7 +389,6 @@ class _FFT:
             cross = cross + (self._spectrum(g) * self._spectrum(v).conj()).sum(dim=(0, 3))
         lags = torch.fft.irfft(cross, n=self.n, dim=0)[self.positions].T  # (H, W): sum <g[j], v[j - d]>
         return _kernel_moments(lags * self.plan.kernel.double(), self.plan.dmin).to(values[0].dtype)
-
 
     def moment_convs(self, x: Tensor) -> list[Tensor]:
         return [self._apply(x, spectrum, torch.empty_like(x)) for spectrum in self.moment_spectra]
@@ -517,7 +517,7 @@ class _Call:
         self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
 
         self.plan = _make_plan(pos_weight, T, method, dtype)
-        self.engine = _FFT(self.plan, D) if self.plan.method == "fft" else _Conv(self.plan, D)
+        self.engine = _FFT(self.plan) if self.plan.method == "fft" else _Conv(self.plan, D)
         self.lam_m, self.lam_v = torch.sigmoid(gate_mean.to(dtype)), torch.sigmoid(gate_var.to(dtype))
 
         def per_channel(per_head: Tensor) -> Tensor:
