@@ -108,7 +108,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     task = TASKS.get(args.task)()
     _, _, options = task.spec(Preset(args.preset), "transformer")
-    settings = dict(s.split("=", 1) for s in args.settings if "=" in s)
+    malformed = [s for s in args.settings if "=" not in s]
+    if malformed:
+        raise ValueError(f"--set {malformed[0]!r}: expected NAME=VALUE, e.g. --set num_train=1000")
+    settings = dict(s.split("=", 1) for s in args.settings)
     if args.seed is not None:
         settings["seed"] = str(args.seed)
     options = apply_settings(options, settings, "data")

@@ -133,3 +133,9 @@ def test_cli_generate_writes_the_official_layout(tmp_path, capsys):
     lines = (tmp_path / "gen" / "basic_train.tsv").read_text().splitlines()
     assert lines[0] == "Source\tTarget" and len(lines) == 31
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_generate_rejects_a_setting_without_a_value(tmp_path):
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        main(["generate", "listops", "--out", str(tmp_path / "gen"), "--set", "num_train"])
+    assert not (tmp_path / "gen").exists()
