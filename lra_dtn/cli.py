@@ -38,8 +38,11 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="training steps (replaces the preset's; the schedule follows)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global batch size, split over processes and --grad-accum")
-    parser.add_argument("--grad-accum", type=int, default=None,
-                        help="split each batch into this many sequential micro-batches (saves memory)")
+    parser.add_argument("--grad-accum", type=grad_accum_arg, default=None, metavar="N|auto",
+                        help="split each batch into N sequential micro-batches (same gradient, less memory); "
+                             "auto: the fewest that fit --memory-budget, probed on the longest examples")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                        help="memory a step may take with --grad-accum auto (default: 90%% of the free memory)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="bf16 autocast (GPUs); DTN statistics stay in float32 (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: one GPU per process)")
@@ -47,6 +50,15 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="change any config field, e.g. --set model.num_layers=2 --set train.lr=1e-3 "
                              "--set data.max_length=4000 (repeatable); the run id gets a hash of the change")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def grad_accum_arg(text: str) -> int:
+    """``--grad-accum``: a positive count, or ``auto`` (stored as 0 in the config)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return int(text)
 
 
 def cli_settings(args: argparse.Namespace) -> list[str]:
@@ -97,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     spec = make_spec(args.task, args.model, args.norm, args.preset, args.seed, cli_settings(args))
     result = train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,
-                   device=args.device, progress=args.progress)
+                   device=args.device, progress=args.progress, memory_budget_gb=args.memory_budget)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the result; one reports it
         print(f"{result['run_id']}: test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}), "
               f"{result['sec_per_step'] * 1000:.1f} ms/step; table: {args.out / 'results.md'}")

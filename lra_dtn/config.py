@@ -60,7 +60,7 @@ class TrainConfig:
     grad_clip: float | None = None
     eval_every: int = 100
     checkpoint_every: int = 500
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step; 0 = auto, the fewest that fit the memory budget
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on CUDA / CPU)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9

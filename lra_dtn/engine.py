@@ -13,10 +13,8 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lra_dtn import distributed, results
+from lra_dtn.memory import GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory, step_peak_bytes
 from lra_dtn.config import RunSpec
 from lra_dtn.data import Batch, collate, eval_order, train_indices
 from lra_dtn.optim import build_optimizer, learning_rate
@@ -81,21 +80,21 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the run's peak-memory count afresh: a sweep trains many runs in one process."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a training step draws from (dropout): the CPU generator, and on a GPU the
+    device's own, which is where dropout masks are drawn there."""
+    state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):  # "5" resets the peak resident set (VmHWM, ru_maxrss); Linux >= 4.0
-            Path("/proc/self/clear_refs").write_text("5")
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak CUDA allocation on GPU; on CPU the process's peak resident set (all it ever held)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "cpu_peak_rss"
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Inverse of :func:`rng_state`. A checkpoint loaded onto a GPU brings the states there; the
+    generators take them as CPU byte tensors."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def norm_summary(model: nn.Module) -> dict[str, dict[str, list]]:
@@ -114,6 +113,37 @@ def norm_summary(model: nn.Module) -> dict[str, dict[str, list]]:
 def loss_and_correct(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(*batch.inputs()).float()
     return F.cross_entropy(logits, batch.labels), (logits.argmax(-1) == batch.labels).sum()
+
+
+def auto_grad_accum(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Any, batch: int, precision: str,
+                    mask_zero_tokens: bool, device: torch.device, budget_gb: float | None) -> tuple[int, int, int]:
+    """``--grad-accum auto``: the fewest micro-batches per step whose forward + backward on the split's
+    longest examples fits the budget (see :mod:`lra_dtn.memory`); returns (micro-batches, peak, budget)
+    in bytes. The probe steps leave no trace: gradients are dropped and the random streams restored.
+    Adam's two moment buffers, not allocated before the first step, are added to the probed peak."""
+    budget = int(budget_gb * GIB) if budget_gb else default_budget_bytes(device)
+    longest = np.argsort(np.asarray(dataset["length"]), kind="stable")[::-1]
+    moments = 0 if optimizer.state else 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def peak(micro: int) -> int:
+        examples = collate(dataset, longest[:micro], mask_zero_tokens).to(device)
+
+        def step() -> None:
+            with autocast(precision, device):
+                loss, _ = loss_and_correct(model, examples)
+            loss.backward()
+
+        try:
+            return step_peak_bytes(step, device) + moments
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    streams = rng_state(device)
+    try:
+        accum, used = choose_grad_accum(batch, peak, budget)
+    finally:
+        restore_rng_state(streams, device)
+    return accum, used, budget
 
 
 @torch.no_grad()
@@ -137,11 +167,13 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, ctx: distributed.D
 
 
 def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+          overwrite: bool = False, device: str = "auto", progress: bool = True,
+          memory_budget_gb: float | None = None) -> dict[str, Any]:
     """Train one run to ``spec.train.steps``, evaluate on test, write its JSON; return the result.
 
     ``resume``: continue from the run's checkpoint (or return its result if it already finished).
-    ``overwrite``: start afresh even if the run folder holds an earlier checkpoint or result."""
+    ``overwrite``: start afresh even if the run folder holds an earlier checkpoint or result.
+    ``memory_budget_gb``: what ``train.grad_accum=0`` (auto) fits a step into (default: 90 % of free)."""
     ctx = distributed.init(device)
     folder = run_dir(out, spec)
     ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / results.RESULT_FILE
@@ -151,9 +183,9 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         return json.loads(result_path.read_text())
 
     cfg = spec.train
-    if cfg.batch_size % (ctx.world_size * cfg.grad_accum):
+    if cfg.grad_accum < 0 or cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by processes x grad_accum = "
-                         f"{ctx.world_size} x {cfg.grad_accum}")
+                         f"{ctx.world_size} x {cfg.grad_accum} (grad_accum 0 = auto)")
     task = TASKS.get(spec.task)()
     cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".lra_dtn_cache"
     if not ctx.is_main:  # rank 0 generates and tokenizes once; the others read its cache
@@ -178,12 +210,19 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
             raise ValueError(f"{ckpt_path} was written by a different config; use a new --out or --overwrite")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"][ctx.rank % len(ckpt["rng"])])
+        restore_rng_state(ckpt["rng"][ctx.rank % len(ckpt["rng"])], ctx.device)
         state = ckpt["state"]
     else:
         torch.manual_seed(spec.seed * 1000 + ctx.rank)  # dropout stream, distinct per rank
     num_params = sum(p.numel() for p in model.parameters())
-    ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    accum = cfg.grad_accum
+    if accum == 0:
+        accum, used, budget = auto_grad_accum(model, optimizer, splits["train"], cfg.batch_size // ctx.world_size,
+                                              cfg.precision, mask_zero, ctx.device, memory_budget_gb)
+        if ctx.is_main:
+            print(f"[{spec.run_id}] --grad-accum auto: {accum} micro-batch(es) of {cfg.batch_size // ctx.world_size // accum}"
+                  f" per process (probed peak {used / GIB:.2f} GiB, budget {budget / GIB:.2f} GiB)", flush=True)
+    ddp = DistributedDataParallel(model) if ctx.group else model
 
     writer = None
     if ctx.is_main:
@@ -197,16 +236,16 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=spec.run_id, dynamic_ncols=True, mininterval=1.0)
 
     def checkpoint() -> None:
-        rngs = [torch.get_rng_state()] * ctx.world_size
-        if ctx.world_size > 1:
-            torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+        rngs = [rng_state(ctx.device)] * ctx.world_size
+        if ctx.group:
+            torch.distributed.all_gather_object(rngs, rng_state(ctx.device))
         if ctx.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt_path, {"spec": spec.to_dict(), "model": model.state_dict(),
                                         "optimizer": optimizer.state_dict(), "rng": rngs, "state": state})
 
     train_set = splits["train"]
-    micro = cfg.batch_size // (ctx.world_size * cfg.grad_accum)
+    micro = cfg.batch_size // (ctx.world_size * accum)
     ddp.train()
     while state["step"] < cfg.steps:
         step = state["step"]
@@ -215,15 +254,15 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         for group in optimizer.param_groups:
             group["lr"] = lr
         indices = train_indices(step, len(train_set), cfg.batch_size, spec.seed)
-        mine = indices[ctx.rank * micro * cfg.grad_accum : (ctx.rank + 1) * micro * cfg.grad_accum]
+        mine = indices[ctx.rank * micro * accum : (ctx.rank + 1) * micro * accum]
         loss_sum = correct = 0.0
-        for k in range(cfg.grad_accum):
+        for k in range(accum):
             batch = collate(train_set, mine[k * micro : (k + 1) * micro], mask_zero).to(ctx.device)
-            sync = ddp.no_sync() if ctx.world_size > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext()
+            sync = ddp.no_sync() if ctx.group and k < accum - 1 else contextlib.nullcontext()
             with sync, autocast(cfg.precision, ctx.device):
                 loss, right = loss_and_correct(ddp, batch)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+                (loss / accum).backward()
+            loss_sum += loss.item() / accum
             correct += right.item()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -235,14 +274,14 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         state["step"] = step = step + 1
         if writer is not None:
             writer.add_scalar("train/loss", loss_sum, step)
-            writer.add_scalar("train/acc", correct / (micro * cfg.grad_accum), step)
+            writer.add_scalar("train/acc", correct / (micro * accum), step)
             writer.add_scalar("train/lr", lr, step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / (micro * cfg.grad_accum):.2f}",
+            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / (micro * accum):.2f}",
                             sps=f"{step / max(state['train_seconds'], 1e-9):.1f}", refresh=False)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = evaluate(model, splits["val"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+            val = evaluate(model, splits["val"], micro * accum, ctx, cfg.precision, mask_zero)
             state["history"].append({"step": step, "val_acc": val["acc"], "val_loss": val["loss"]})
             if writer is not None:
                 writer.add_scalar("val/acc", val["acc"], step)
@@ -255,7 +294,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     if bar is not None:
         bar.close()
 
-    test = evaluate(model, splits["test"], micro * cfg.grad_accum, ctx, cfg.precision, mask_zero)
+    test = evaluate(model, splits["test"], micro * accum, ctx, cfg.precision, mask_zero)
     memory, memory_kind = peak_memory_mb(ctx.device)
     last_val = state["history"][-1] if state["history"] else {}
     result = {
@@ -264,7 +303,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         "val_acc": last_val.get("val_acc"), "test_acc": test["acc"], "test_loss": test["loss"], "test_n": test["n"],
         "steps": state["step"], "sec_per_step": state["train_seconds"] / max(state["step"], 1),
         "train_seconds": state["train_seconds"], "peak_mem_mb": memory, "peak_mem_kind": memory_kind,
-        "params": num_params, "device": str(ctx.device), "world_size": ctx.world_size,
+        "params": num_params, "device": str(ctx.device), "world_size": ctx.world_size, "grad_accum": accum,
         "history": state["history"], "norm_params": norm_summary(model), "versions": versions(),
         "git_commit": git_commit(),
     }

@@ -113,7 +113,7 @@ def check_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
 
 def broadcast(ctx: distributed.DistContext, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    if ctx.world_size == 1:
+    if not ctx.group:
         return obj
     import torch.distributed as dist
 
@@ -172,16 +172,16 @@ def main(args: argparse.Namespace) -> None:
         say(f"[{i}/{len(todo)}] {spec.run_id}" + (" (resuming from its checkpoint)" if ckpt.exists() else ""))
         try:
             result = engine.train(spec, out, args.data_dir, args.cache_dir, resume=True, device=args.device,
-                                  progress=args.progress)
+                                  progress=args.progress, memory_budget_gb=args.memory_budget)
         except DataError as err:
-            if ctx.world_size > 1:
+            if ctx.group:
                 raise
             missing[spec.task] = str(err)
             write_missing(out, spec.task, todo, str(err))
             say(f"{spec.task}: data error, its remaining runs are skipped: {err}")
             continue
         except Exception as err:  # noqa: BLE001 (one run's crash must not end a day-long grid)
-            if ctx.world_size > 1:
+            if ctx.group:
                 raise  # the other ranks are inside collectives: they cannot go on without this one
             failures.append(spec.run_id)
             write_failed(out, spec, err)

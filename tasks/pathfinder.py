@@ -62,13 +62,16 @@ class PathfinderData(DataOptions):
     ``image_size`` picks the generator preset (32: Pathfinder, 128: Path-X; 64 and 256 also exist) and
     ``contour_length`` the difficulty folder (14 = "hard", the LRA task; 9 and 6 the easier ones).
     ``num_images`` and ``seed`` are what is generated when the folder is missing (the generator is
-    seeded; the original was not). ``split_seed`` shuffles the images before the 80/10/10 cut."""
+    seeded; the original was not). ``split_seed`` shuffles the images before the 80/10/10 cut.
+    ``distractors`` replaces the number of distractor snakes LRA derives from the contour length
+    (``None``: LRA's), for easier generated variants; it names its own folder."""
 
     image_size: int = 32
     contour_length: int = 14
     num_images: int = OFFICIAL_NUM_IMAGES
     seed: int = 0
     split_seed: int = 0
+    distractors: int | None = None
 
     @property
     def params(self) -> pg.PathfinderParams:
@@ -76,18 +79,22 @@ class PathfinderData(DataOptions):
         if preset is None:
             raise DataError(f"no Pathfinder preset for image_size {self.image_size}; choose one of "
                             f"{', '.join(sorted(name.removeprefix('pathfinder') for name in pg.PRESETS))}")
-        return preset(self.contour_length)
+        params = preset(self.contour_length)
+        return params if self.distractors is None else replace(params, num_distractor_snakes=self.distractors)
 
     @property
     def official(self) -> bool:
         """The release's settings: its folder name is used only for these."""
-        return self.num_images == OFFICIAL_NUM_IMAGES and self.seed == 0
+        return self.num_images == OFFICIAL_NUM_IMAGES and self.seed == 0 and self.distractors is None
 
     @property
     def root(self) -> str:
         """``pathfinder32`` (the release's name) for the official settings, else one folder per setting."""
         base = f"pathfinder{self.image_size}"
-        return base if self.official else f"{base}-gen-n{self.num_images}-seed{self.seed}"
+        if self.official:
+            return base
+        extra = "" if self.distractors is None else f"-distractors{self.distractors}"
+        return f"{base}-gen-n{self.num_images}-seed{self.seed}{extra}"
 
     @property
     def folder(self) -> str:

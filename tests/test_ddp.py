@@ -32,7 +32,7 @@ def spec(*settings: str):
 
 
 def train_here(tmp_path: Path, name: str, *settings: str) -> dict:
-    return engine.train(spec(*settings), tmp_path / name, tmp_path / "data", progress=False)
+    return engine.train(spec(*settings), tmp_path / name, tmp_path / "data", progress=False, device="cpu")
 
 
 def test_two_gloo_processes_write_one_result_equal_to_one_process(tmp_path):
@@ -41,7 +41,7 @@ def test_two_gloo_processes_write_one_result_equal_to_one_process(tmp_path):
                "run_lra.py", "--task", "listops", "--model", "transformer", "--norm", "ln", "--preset", "smoke",
                "--max-steps", str(STEPS), "--grad-accum", "2", "--set", "train.eval_every=3",
                *(a for s in NO_DROPOUT for a in ("--set", s)),
-               "--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress"]
+               "--out", str(out), "--data-dir", str(tmp_path / "data"), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -76,6 +76,35 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         train_here(tmp_path, "bad", "train.grad_accum=3")
 
 
+def test_auto_grad_accum_picks_the_first_fitting_split_and_leaves_no_trace(tmp_path, monkeypatch):
+    """``--grad-accum auto`` with a budget that the whole batch (8) and halves (4) exceed: the probe
+    settles on 4 micro-batches of 2, and the run equals one given ``grad_accum=4`` (the probe steps
+    change neither the weights nor the random streams)."""
+    probes = []
+
+    def fake_peak(step, device):  # what the probe measures: over budget twice, then within it
+        step()
+        probes.append(1)
+        return 10**12 if len(probes) <= 2 else 0
+
+    monkeypatch.setattr(engine, "step_peak_bytes", fake_peak)
+    auto = engine.train(spec("train.grad_accum=0", "model.dropout=0.1"), tmp_path / "auto", tmp_path / "data",
+                        progress=False, device="cpu", memory_budget_gb=1.0)
+    assert len(probes) == 3 and auto["grad_accum"] == 4
+    fixed = train_here(tmp_path, "fixed", "train.grad_accum=4", "model.dropout=0.1")
+    assert auto["test_loss"] == pytest.approx(fixed["test_loss"], rel=1e-6)
+    assert [h["val_loss"] for h in auto["history"]] == pytest.approx([h["val_loss"] for h in fixed["history"]], rel=1e-6)
+
+
+def test_grad_accum_flag_takes_auto_and_rejects_zero():
+    from lra_dtn.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "auto"]).grad_accum == 0
+    with pytest.raises(SystemExit):
+        parse(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "0"])
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     fp32 = train_here(tmp_path, "fp32", "train.steps=3")
     bf16 = train_here(tmp_path, "bf16", "train.steps=3", "train.precision=bf16")
@@ -91,7 +120,7 @@ def test_sweep_under_torchrun_checks_data_once_and_writes_from_rank_0(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "run_lra.py", "sweep", "--tasks", "listops,text", "--models", "transformer", "--norms", "ln,rms",
                "--seeds", "0", "--preset", "smoke", "--max-steps", "2", "--out", str(out),
-               "--data-dir", str(tmp_path / "data"), "--no-progress"]
+               "--data-dir", str(tmp_path / "data"), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
