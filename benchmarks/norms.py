@@ -1,7 +1,8 @@
-"""DTN against LayerNorm on CPU: the norm alone and one training step of 4-layer encoders.
+"""DTN against LayerNorm: the norm alone and one training step of 4-layer encoders, on CPU or GPU.
 
     python -m benchmarks.norms                          # T = 1024, 2048, 4096; B=8, C=128, H=4
     python -m benchmarks.norms --lengths 1024 --rounds 5
+    python -m benchmarks.norms --device cuda --batch 32 --lengths 2000 --precision bf16   # a GPU
 
 Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
 gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
@@ -17,7 +18,7 @@ fastest, so a busy machine slows all of them alike; CPU time of the process is r
 time. On a machine shared with other jobs both are unreliable for DTN at 2 threads (its many short
 parallel loops each wait for a descheduled thread): measure on an idle machine, or with ``--threads 1``.
 Memory: peak resident set over two training steps, in a fresh process per cell, minus the resident
-set before them.
+set before them. On a GPU: CUDA time (synchronised) and the allocator's peak over two steps.
 
 Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
 and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
@@ -42,6 +43,8 @@ from lra_dtn.norms import build_norm
 from models import MODELS, build_model
 
 BATCH, CHANNELS, HEADS = 8, 128, 4
+DEVICE = torch.device("cpu")  # --device
+PRECISION = "fp32"  # --precision: bf16 autocasts the training steps
 WIDE_HALF_WIDTH = 128
 NORMS = {"ln": ("ln", None), "dtn-init": ("dtn", None), "dtn-wide": ("dtn", WIDE_HALF_WIDTH)}
 
@@ -63,13 +66,20 @@ def describe_kernels(length: int) -> str:
     return f"init: {init.width} offsets, {init.method}; wide: {wide.width} offsets, {wide.method}"
 
 
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def fastest(jobs: dict[str, callable], rounds: int) -> dict[str, tuple[float, float]]:
     """Run every job once to warm up, then ``rounds`` times in turn: fastest (wall, CPU) seconds."""
     best = {name: (math.inf, math.inf) for name in jobs}
     for step in range(rounds + 1):
         for name, job in jobs.items():
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             job()
+            sync()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if step:
                 best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
@@ -78,12 +88,12 @@ def fastest(jobs: dict[str, callable], rounds: int) -> dict[str, tuple[float, fl
 
 def norm_jobs(length: int) -> dict[str, callable]:
     torch.manual_seed(0)
-    x = torch.randn(BATCH, length, CHANNELS, requires_grad=True)
-    grad = torch.randn(BATCH, length, CHANNELS)
-    mask = torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]
+    x = torch.randn(BATCH, length, CHANNELS, device=DEVICE, requires_grad=True)
+    grad = torch.randn(BATCH, length, CHANNELS, device=DEVICE)
+    mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]).to(DEVICE)
     jobs = {}
     for label, (name, half_width) in NORMS.items():
-        norm = build_norm(name, CHANNELS, HEADS)
+        norm = build_norm(name, CHANNELS, HEADS).to(DEVICE)
         if half_width:
             widen(norm, length)
         jobs[label] = lambda norm=norm: norm(x, mask).backward(grad)
@@ -91,7 +101,8 @@ def norm_jobs(length: int) -> dict[str, callable]:
 
 
 def model_config(length: int) -> ModelConfig:
-    return ModelConfig(max_len=length, dropout=0.1, attn_dropout=0.0, **RETRIEVAL_SIZE)
+    shape = dict(RETRIEVAL_SIZE, emb_dim=CHANNELS, qkv_dim=CHANNELS, mlp_dim=4 * CHANNELS, num_heads=HEADS)
+    return ModelConfig(max_len=length, dropout=0.1, attn_dropout=0.0, **shape)
 
 
 def training_step(model_name: str, label: str, length: int):
@@ -99,17 +110,20 @@ def training_step(model_name: str, label: str, length: int):
     torch.manual_seed(0)
     name, half_width = NORMS[label]
     cfg = model_config(length)
-    model = build_model(model_name, cfg, name).train()
+    model = build_model(model_name, cfg, name).to(DEVICE).train()
     if half_width:
         widen(model, length + 1)  # + CLS
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(1, cfg.vocab_size, (BATCH, length))
-    mask = torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]
-    labels = torch.randint(0, cfg.num_classes, (BATCH,))
+    ids = torch.randint(1, cfg.vocab_size, (BATCH, length), device=DEVICE)
+    mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]).to(DEVICE)
+    labels = torch.randint(0, cfg.num_classes, (BATCH,), device=DEVICE)
+    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(ids, mask), labels).backward()
+        with autocast:
+            logits = model(ids, mask)
+        F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
 
     return step
@@ -119,6 +133,12 @@ def step_memory(model_name: str, label: str, length: int) -> float:
     """MiB: peak resident set over two training steps minus the resident set before them (model, data
     and everything imported): activations, gradients, optimizer state and any kept buffers."""
     step = training_step(model_name, label, length)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        step()
+        step()
+        return (torch.cuda.max_memory_allocated(DEVICE) - before) / 2**20
     before = _resident_mib()
     step()
     step()
@@ -132,7 +152,9 @@ def _resident_mib() -> float:
 
 def memory_cell(model_name: str, label: str, length: int) -> float | None:
     """:func:`step_memory` in a fresh interpreter, so the peak belongs to this cell alone."""
-    cmd = [sys.executable, "-m", "benchmarks.norms", "--memory-cell", model_name, label, str(length)]
+    cmd = [sys.executable, "-m", "benchmarks.norms", "--memory-cell", model_name, label, str(length),
+           "--device", str(DEVICE), "--precision", PRECISION, "--batch", str(BATCH), "--channels", str(CHANNELS),
+           "--heads", str(HEADS)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         print(f"memory cell {model_name} {label} T={length} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
@@ -145,15 +167,23 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global DEVICE, PRECISION, BATCH, CHANNELS, HEADS  # the measured shape and device, set once from the flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--rounds", type=int, default=3, help="timed repetitions of each training step")
     parser.add_argument("--models", nargs="+", default=["transformer", "bigbird"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="of the training steps")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--channels", type=int, default=CHANNELS, help="C, also the encoders' width")
+    parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory processes")
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    DEVICE, PRECISION = torch.device(args.device), args.precision
+    BATCH, CHANNELS, HEADS = args.batch, args.channels, args.heads
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_cell:
@@ -164,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     models = [m for m in args.models if m in MODELS]
     for missing in sorted(set(args.models) - set(models)):
         print(f"{missing}: not registered in models.MODELS, skipped", flush=True)
-    print(f"B={BATCH}, C={CHANNELS}, H={HEADS}, {torch.get_num_threads()} CPU threads. Ratios DTN/LN of the "
-          "fastest wall time (of the process CPU time); memory: peak resident set over two steps", flush=True)
+    print(f"B={BATCH}, C={CHANNELS}, H={HEADS}, {DEVICE}, {PRECISION} steps, {torch.get_num_threads()} CPU threads. "
+          "Ratios DTN/LN of the fastest wall time (of the process CPU time); memory: peak over two steps", flush=True)
     results, lines = [], []
     for length in args.lengths:
         print(f"T={length}: kernels {describe_kernels(length)}", flush=True)

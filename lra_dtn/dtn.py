@@ -58,8 +58,9 @@ FFT_RANGE = 16.0
 FFT_COST = 80.0
 #: oneDNN switches to a much slower depthwise kernel above about 2^23 elements; calls are split by batch.
 CONV_CHUNK = 1 << 22
-#: Both passes run over chunks of the batch of about this many tokens, so that their intermediate
-#: tensors stay in cache (whole-batch passes at T = 4096 were measured 2-3 times slower on CPU).
+#: On CPU both passes run over chunks of the batch of about this many tokens, so that their intermediate
+#: tensors stay in cache (whole-batch passes at T = 4096 were measured 2-3 times slower on CPU). A GPU
+#: takes the whole batch at once: there each chunk costs its own launches of every kernel.
 CHUNK_TOKENS = 8192
 #: Normalisers below this belong to padded tokens no real token reaches (underflow or rounding noise).
 TINY = 1e-30
@@ -532,7 +533,7 @@ class _Call:
         self.scale4 = self.scale[..., None]
         self.mask_f = None if mask is None else mask.to(dtype)[..., None]  # (B, T, 1)
         self.masked_scale4 = self.scale4 if mask is None else self.scale4 * self.mask_f[..., None]
-        step = max(1, (CHUNK_TOKENS + T // 2) // T)
+        step = max(1, (CHUNK_TOKENS + T // 2) // T) if x.device.type == "cpu" else B
         self.chunks = [slice(i, min(i + step, B)) for i in range(0, B, step)]
         self.exact = [
             _ExactRows(self.plan, None if mask is None else mask[c], c.stop - c.start, T) if self.plan.far else None

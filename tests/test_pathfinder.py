@@ -168,6 +168,11 @@ def test_folder_names_keep_generated_sets_apart():
     assert PathfinderData(num_images=8000).folder == "pathfinder32-gen-n8000-seed0/curv_contour_length_14"
     assert PathfinderData(seed=1).folder == f"pathfinder32-gen-n{OFFICIAL_NUM_IMAGES}-seed1/curv_contour_length_14"
     assert PathfinderData(num_images=50, contour_length=6).folder == "pathfinder32-gen-n50-seed0/curv_baseline"
+    # An easier variant with its own distractor count is never the release's folder.
+    easy = PathfinderData(contour_length=6, distractors=0)
+    assert easy.folder == f"pathfinder32-gen-n{OFFICIAL_NUM_IMAGES}-seed0-distractors0/curv_baseline"
+    assert not easy.official and easy.params.num_distractor_snakes == 0
+    assert PathfinderData(contour_length=6).params.num_distractor_snakes == 10  # LRA's: 20 // (6 // 3)
     # The split seed and the mask option change the cache key but not the images.
     assert PathfinderData(split_seed=5, mask_zero_tokens=True).folder == PathfinderData().folder
     with pytest.raises(DataError, match="no Pathfinder preset for image_size 48"):
