@@ -103,6 +103,23 @@ def small_model(official: ModelConfig, preset: Preset, max_len: int) -> ModelCon
     return replace(official, max_len=max_len, **PRESET_SHAPES[preset])
 
 
+def smoke_train(official: TrainConfig, batch_size: int = 8) -> TrainConfig:
+    """The ``smoke`` loop of every task: 20 steps, evaluated and checkpointed twice."""
+    return replace(official, batch_size=batch_size, steps=20, warmup=5, eval_every=10, checkpoint_every=10)
+
+
+def shrunk_presets(preset: Preset, model: ModelConfig, train: TrainConfig, data: DataOptions,
+                   cpu_train: TrainConfig, cpu_data: DataOptions, smoke_data: DataOptions
+                   ) -> tuple[ModelConfig, TrainConfig, DataOptions]:
+    """``preset`` of a task whose small presets shrink the encoder (:func:`small_model`) to the length
+    their data options cut at (``max_length``): Text and Retrieval."""
+    if preset == Preset.official:
+        return model, train, data
+    if preset == Preset.cpu:
+        return small_model(model, preset, cpu_data.max_length), cpu_train, cpu_data
+    return small_model(model, preset, smoke_data.max_length), smoke_train(train), smoke_data
+
+
 def require(path: Path, what: str) -> Path:
     """``path`` if it exists, else a :class:`DataError` saying what was expected and from where."""
     if not path.exists():

@@ -27,7 +27,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require
+from tasks.base import TASKS, SplitLimits, Task, require, smoke_train
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR_URL}, unpacked into --data-dir)"
@@ -157,7 +157,7 @@ class Image(Task):
                     CPU_DATA)
         # No attention dropout in smoke: drawing it over the 1025^2 matrix is 80% of a CPU step.
         return (replace(official, num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4, attn_dropout=0.0),
-                replace(OFFICIAL_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
+                smoke_train(OFFICIAL_TRAIN),
                 SMOKE_DATA)
 
     def folder(self, data_dir: Path) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task, small_model
+from tasks.base import TASKS, DataOptions, Task, small_model, smoke_train
 
 # Generator constants (LRA data/listops.py). [FIRST and [LAST exist there but are commented out.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -278,7 +278,7 @@ class ListOps(Task):
                             checkpoint_every=200),
                     CPU_DATA)
         return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
-                replace(OFFICIAL_TRAIN, batch_size=16, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
+                smoke_train(OFFICIAL_TRAIN, batch_size=16),
                 SMOKE_DATA)
 
     def generate(self, out_dir: Path, options: ListOpsData, workers: int = 1) -> Path:

@@ -42,7 +42,7 @@ from PIL import Image
 import tasks.pathfinder_generator as pg
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task
+from tasks.base import TASKS, DataOptions, Task, smoke_train
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -295,7 +295,7 @@ PF32_CPU_TRAIN = replace(PF32_TRAIN, batch_size=32, steps=450, lr=2e-3, warmup=4
 # smoke: a few dozen images (about a second to generate), a few steps.
 PF32_SMOKE_DATA = PathfinderData(num_images=40)
 SMOKE_MODEL = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=2)
-PF32_SMOKE_TRAIN = replace(PF32_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10)
+PF32_SMOKE_TRAIN = smoke_train(PF32_TRAIN)
 
 # cpu (Path-X): 16,384 tokens. PyTorch's CPU attention kernel keeps memory linear in the length; a training
 # image through this 1-head dense Transformer costs about 1.3 s on 2 cores (measured: 2.5 s a step at batch

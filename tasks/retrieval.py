@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, small_model
+from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
@@ -85,6 +85,7 @@ OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt
 # threads, random tokens), so 800 steps take about 6 minutes on 2 cores; val/test are the first
 # 1,000/5,000 pairs of their files. smoke: a few dozen pairs, seconds.
 CPU_DATA = RetrievalData(max_length=256, max_val=1_000, max_test=5_000)
+CPU_TRAIN = replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200)
 SMOKE_DATA = RetrievalData(max_length=64, max_train=32, max_val=16, max_test=16)
 
 
@@ -94,15 +95,7 @@ class Retrieval(Task):
     dual = True
 
     def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, RetrievalData]:
-        if preset == Preset.official:
-            return OFFICIAL_MODEL, OFFICIAL_TRAIN, RetrievalData()
-        if preset == Preset.cpu:
-            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
-                    replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200),
-                    CPU_DATA)
-        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
-                replace(OFFICIAL_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
-                SMOKE_DATA)
+        return shrunk_presets(preset, OFFICIAL_MODEL, OFFICIAL_TRAIN, RetrievalData(), CPU_TRAIN, CPU_DATA, SMOKE_DATA)
 
     def source_files(self, data_dir: Path, options: RetrievalData) -> list[Path]:
         return [require(pair_file(data_dir, split), f"the LRA release file lra_release/tsv_data/"

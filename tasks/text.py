@@ -21,7 +21,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, small_model
+from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets
 
 IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_WHAT = f"the Stanford IMDB release ({IMDB_URL}, unpacked into --data-dir)"
@@ -77,6 +77,7 @@ OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=20_000, lr=0.05, schedule="rsq
 # so 800 steps take about 5 minutes on 2 cores; val is a balanced 1,000-review slice of the test set
 # (evaluated often), test 5,000. smoke: a few dozen reviews, seconds.
 CPU_DATA = TextData(max_length=512, max_val=1_000, max_test=5_000)
+CPU_TRAIN = replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200)
 SMOKE_DATA = TextData(max_length=64, max_train=32, max_val=16, max_test=16)
 
 
@@ -85,15 +86,7 @@ class Text(Task):
     name = "text"
 
     def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, TextData]:
-        if preset == Preset.official:
-            return OFFICIAL_MODEL, OFFICIAL_TRAIN, TextData()
-        if preset == Preset.cpu:
-            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
-                    replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200),
-                    CPU_DATA)
-        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
-                replace(OFFICIAL_TRAIN, batch_size=8, steps=20, warmup=5, eval_every=10, checkpoint_every=10),
-                SMOKE_DATA)
+        return shrunk_presets(preset, OFFICIAL_MODEL, OFFICIAL_TRAIN, TextData(), CPU_TRAIN, CPU_DATA, SMOKE_DATA)
 
     def source_files(self, data_dir: Path, options: TextData) -> list[Path]:
         return [f for split in ("train", "test") for files in review_files(data_dir, split).values() for f in files]
