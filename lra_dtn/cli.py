@@ -41,7 +41,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=grad_accum_arg, default=None, metavar="N|auto",
                         help="split each batch into N sequential micro-batches (same gradient, less memory); "
                              "auto: the fewest that fit --memory-budget, probed on the longest examples")
-    parser.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+    parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="GIB",
                         help="memory a step may take with --grad-accum auto (default: 90%% of the free memory)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="bf16 autocast (GPUs); DTN statistics stay in float32 (default: fp32)")
@@ -61,11 +61,26 @@ def grad_accum_arg(text: str) -> int:
     return int(text)
 
 
+def positive_float(text: str) -> float:
+    """``--memory-budget``: GiB, more than zero (0 would silently mean "the default")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
+    return value
+
+
 def cli_settings(args: argparse.Namespace) -> list[str]:
     """The shortcut flags as ``--set`` entries, so every change flows through one path."""
     flags = {"train.steps": args.max_steps, "train.batch_size": args.batch_size,
              "train.grad_accum": args.grad_accum, "train.precision": args.precision}
-    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.settings)
+    settings = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.settings)
+    accum = [s.partition("=")[2] for s in settings if s.startswith("train.grad_accum=")]
+    if args.memory_budget is not None and accum[-1:] != ["0"]:
+        raise ValueError("--memory-budget applies only with --grad-accum auto (train.grad_accum=0)")
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

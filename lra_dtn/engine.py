@@ -215,13 +215,13 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     else:
         torch.manual_seed(spec.seed * 1000 + ctx.rank)  # dropout stream, distinct per rank
     num_params = sum(p.numel() for p in model.parameters())
-    accum = cfg.grad_accum
+    per_rank, accum = cfg.batch_size // ctx.world_size, cfg.grad_accum
     if accum == 0:
-        accum, used, budget = auto_grad_accum(model, optimizer, splits["train"], cfg.batch_size // ctx.world_size,
-                                              cfg.precision, mask_zero, ctx.device, memory_budget_gb)
+        accum, used, budget = auto_grad_accum(model, optimizer, splits["train"], per_rank, cfg.precision, mask_zero,
+                                              ctx.device, memory_budget_gb)
         if ctx.is_main:
-            print(f"[{spec.run_id}] --grad-accum auto: {accum} micro-batch(es) of {cfg.batch_size // ctx.world_size // accum}"
-                  f" per process (probed peak {used / GIB:.2f} GiB, budget {budget / GIB:.2f} GiB)", flush=True)
+            print(f"[{spec.run_id}] --grad-accum auto: {accum} micro-batch(es) of {per_rank // accum} per process "
+                  f"(probed peak {used / GIB:.2f} GiB, budget {budget / GIB:.2f} GiB)", flush=True)
     ddp = DistributedDataParallel(model) if ctx.group else model
 
     writer = None
@@ -236,16 +236,17 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=spec.run_id, dynamic_ncols=True, mininterval=1.0)
 
     def checkpoint() -> None:
-        rngs = [rng_state(ctx.device)] * ctx.world_size
+        mine = rng_state(ctx.device)
+        rngs = [mine] * ctx.world_size
         if ctx.group:
-            torch.distributed.all_gather_object(rngs, rng_state(ctx.device))
+            torch.distributed.all_gather_object(rngs, mine)
         if ctx.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt_path, {"spec": spec.to_dict(), "model": model.state_dict(),
                                         "optimizer": optimizer.state_dict(), "rng": rngs, "state": state})
 
     train_set = splits["train"]
-    micro = cfg.batch_size // (ctx.world_size * accum)
+    micro = per_rank // accum
     ddp.train()
     while state["step"] < cfg.steps:
         step = state["step"]

@@ -105,6 +105,28 @@ def test_grad_accum_flag_takes_auto_and_rejects_zero():
         parse(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "0"])
 
 
+@pytest.mark.parametrize("budget", ["0", "-1", "lots"])
+def test_memory_budget_must_be_positive(budget):
+    from lra_dtn.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "auto",
+                                   "--memory-budget", budget])
+
+
+def test_memory_budget_without_auto_is_an_error_not_ignored():
+    from lra_dtn.cli import build_parser, cli_settings
+
+    parse = build_parser().parse_args
+    base = ["train", "--task", "listops", "--model", "transformer", "--memory-budget", "2"]
+    with pytest.raises(ValueError, match="only with --grad-accum auto"):
+        cli_settings(parse(base))
+    with pytest.raises(ValueError, match="only with --grad-accum auto"):
+        cli_settings(parse([*base, "--grad-accum", "4"]))
+    assert "train.grad_accum=0" in cli_settings(parse([*base, "--grad-accum", "auto"]))
+    assert cli_settings(parse([*base, "--set", "train.grad_accum=0"])) == ["train.grad_accum=0"]
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     fp32 = train_here(tmp_path, "fp32", "train.steps=3")
     bf16 = train_here(tmp_path, "bf16", "train.steps=3", "train.precision=bf16")
