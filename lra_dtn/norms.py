@@ -17,7 +17,12 @@ from lra_dtn.registry import Registry
 
 
 class Norm(nn.Module):
-    """Base class: marks a module as a normalizer (no weight decay) and fixes the constructor."""
+    """Base class: marks a module as a normalizer (no weight decay) and fixes the constructor.
+
+    ``zero_token_mean``: the output's mean over the real tokens is the bias for every input (per-channel
+    statistics over the sequence); the encoder refuses MEAN pooling after such a final norm."""
+
+    zero_token_mean = False
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -29,6 +34,15 @@ class Norm(nn.Module):
 
 
 NORMS: Registry[type[Norm]] = Registry("norm")
+
+
+def check_pooling(name: str, pooling: str) -> None:
+    """Refuse MEAN pooling after a final norm whose output has a zero mean over the tokens (its pooled
+    vector would be its bias whatever the input); called by the encoder and when a run is planned."""
+    if pooling == "mean" and NORMS.get(name).zero_token_mean:
+        raise ValueError(f"norm {name!r} makes every channel's mean over the tokens zero, so MEAN pooling after "
+                         "the final norm would see only its bias (the classifier could not depend on the input): "
+                         "use --set model.pooling=cls")
 
 
 def build_norm(name: str, dim: int, num_heads: int) -> Norm:
@@ -97,6 +111,7 @@ class InstanceNorm(Norm):
     a real token's output does not depend on how much padding the batch carries."""
 
     eps = 1e-5
+    zero_token_mean = True
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__(dim, num_heads)

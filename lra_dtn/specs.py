@@ -8,7 +8,8 @@ import typing
 from typing import Any
 
 from lra_dtn.config import ModelConfig, Preset, RunSpec, TrainConfig
-from lra_dtn.norms import NORMS
+from lra_dtn.norms import NORMS, check_pooling
+from lra_dtn.registry import UnknownName
 from models import MODELS
 from tasks import TASKS
 
@@ -39,8 +40,18 @@ def apply_settings(section: Any, settings: dict[str, str], where: str) -> Any:
     hints = typing.get_type_hints(type(section))
     unknown = sorted(set(settings) - set(hints))
     if unknown:
-        raise KeyError(f"unknown {where} setting(s) {', '.join(unknown)}; valid: {', '.join(hints)}")
-    return dataclasses.replace(section, **{k: parse_value(v, hints[k]) for k, v in settings.items()})
+        raise UnknownName(f"unknown {where} setting(s) {', '.join(unknown)}; valid: {', '.join(hints)}")
+    values = {}
+    for name, text in settings.items():
+        try:
+            values[name] = parse_value(text, hints[name])
+        except ValueError as err:
+            raise ValueError(f"--set {where}.{name}={text}: {err}") from None
+    try:
+        return dataclasses.replace(section, **values)
+    except ValueError as err:  # the config's own checks (e.g. a non-positive batch size)
+        changed = " ".join(f"{where}.{k}={v}" for k, v in settings.items())
+        raise ValueError(f"--set {changed}: {err}") from None
 
 
 def split_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
@@ -69,6 +80,7 @@ def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cp
     if "max_length" in changes["data"] and "max_len" not in changes["model"]:
         # A longer or shorter data cut (e.g. Text 4000, the paper's) resizes the position table too.
         model_cfg = dataclasses.replace(model_cfg, max_len=data_opts.max_length)
+    check_pooling(norm, model_cfg.pooling)
     return RunSpec(task=task, model_name=model, norm=norm, preset=preset.value, seed=seed, model=model_cfg,
                    train=train_cfg, data=data_opts, variant=variant_of(base, (model_cfg, train_cfg, data_opts)))
 

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lra_dtn.config import ModelConfig
-from lra_dtn.norms import build_norm
+from lra_dtn.norms import build_norm, check_pooling
 from lra_dtn.registry import Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
@@ -45,10 +45,8 @@ class Embedding(nn.Module):
         positions = cfg.max_len + (self.cls is not None)
         if cfg.pos_emb == "learned":
             self.positions = nn.Parameter(torch.randn(positions, cfg.emb_dim) * 0.02)
-        elif cfg.pos_emb == "sinusoidal":
+        else:  # "sinusoidal" (ModelConfig checks the choice)
             self.register_buffer("positions", sinusoidal_table(positions, cfg.emb_dim), persistent=False)
-        else:
-            raise ValueError(f"unknown pos_emb {cfg.pos_emb!r}; choose sinusoidal or learned")
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,6 +119,7 @@ class Encoder(nn.Module):
         self.pooling = cfg.pooling
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg, attention_cls(cfg, layer, seed), norm) for layer in range(cfg.num_layers))
+        check_pooling(norm, cfg.pooling)
         self.final_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -169,8 +168,6 @@ class DualClassifier(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attention_cls: type[nn.Module], norm: str, seed: int = 0) -> None:
         super().__init__()
-        if cfg.dual_head not in ("concat", "nli"):
-            raise ValueError(f"unknown dual_head {cfg.dual_head!r}; choose concat or nli")
         self.interaction = cfg.dual_head
         self.encoder = Encoder(cfg, attention_cls, norm, seed)
         width = cfg.emb_dim * (2 if cfg.dual_head == "concat" else 4)

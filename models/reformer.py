@@ -2,21 +2,24 @@
 
 The official LRA Reformer is the same composition: a plain pre-LN block whose attention is LSH
 attention, so the block keeps its two norm slots for the normalizer under test. Official settings:
-shared QK (keys are the queries), ``n_hashes = 1`` and ``n_buckets = 10`` over the task's length. The
-official code always pads to ``max_len``, so its chunks are ``max_len / 10`` long; we fix the bucket
-(= chunk) size from ``max_len`` the same way, and a shorter batch gets proportionally fewer buckets
-with the official chunk size: each query sees its own chunk and the one before it, ``2 · max_len / 10``
-keys, whatever the batch length.
+shared QK (keys are the queries), ``n_hashes = 1`` and ``n_buckets = 10`` over the task's length.
+
+Padding: like the official code, every sequence is padded to the canonical length (``max_len``, plus
+the CLS token, rounded up to an even number of buckets) inside the attention, and (corrected mode)
+padded positions enter as zero vectors. LSH is not mask-exact the way dense attention is: the bucket count sets the
+random rotations' shape, and padded tokens take chunk slots. At a fixed length with fixed padding
+content an example's output depends on its own tokens only, not on the batch it was padded with
+(so evaluation does not depend on the eval batch size).
 
 Hashing draws fresh random rotations at every training step (the package's behaviour, which the
 Reformer paper relies on). In evaluation the rotations come from a generator seeded by
 ``(seed, layer)``, so evaluation is deterministic (the official code uses a fixed ``PRNGKey(0)``
 for training and evaluation alike).
 
-Cost: every query sees ``2 · bucket_size`` keys, so a step is linear in the batch length for a given
-task. The official chunk grows with ``max_len``, though, so at full length the attention costs
-``T^2 / 5``; for the Reformer paper's linear regime, give buckets of ~64 tokens
-(``n_buckets = max_len / 64``), as ``benchmarks/encoders.py`` does.
+Cost: every query sees ``2 · bucket_size`` keys (its chunk and the one before), at the canonical
+length. The official chunk grows with ``max_len``, so the attention costs ``T^2 / 5``; for the
+Reformer paper's linear regime, give buckets of ~64 tokens (``n_buckets = max_len / 64``), as
+``benchmarks/encoders.py`` does.
 
 Official quirks corrected by default (``reformer_faithful=False``):
 
@@ -91,8 +94,10 @@ class ReformerAttention(nn.Module):
             raise ValueError(f"n_buckets must be even and >= 2 (angular LSH), got {cfg.n_buckets}")
         self.proj = SharedQKProjection(cfg)
         self.faithful = cfg.reformer_faithful
-        canonical_len = cfg.max_len + (cfg.pooling == "cls")  # the Embedding's length rule
-        self.bucket_size = math.ceil(canonical_len / cfg.n_buckets)
+        longest = cfg.max_len + (cfg.pooling == "cls")  # the Embedding's length rule
+        self.bucket_size = math.ceil(longest / cfg.n_buckets)
+        # LSHAttention needs a multiple of 2 buckets (its rotations give +-projections in pairs).
+        self.canonical_len = -(-longest // (2 * self.bucket_size)) * 2 * self.bucket_size
         self.lsh = SeededLSHAttention(
             rotation_seed=seed * 1_000_003 + layer, fixed_in_training=cfg.reformer_faithful,
             dropout=cfg.attn_dropout, bucket_size=self.bucket_size, n_hashes=cfg.n_hashes, causal=False,
@@ -100,9 +105,12 @@ class ReformerAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         heads, length = self.proj.heads, x.shape[1]
-        qk, v = self.proj.split(x)
-        # LSHAttention needs a multiple of 2 buckets (its rotations give +-projections in pairs).
-        pad = -length % (2 * self.bucket_size)
+        if length > self.canonical_len:
+            raise ValueError(f"sequence of {length} tokens is longer than max_len allows ({self.canonical_len})")
+        # Padded positions enter as zero vectors, whatever the batch held (faithful: as they come, since
+        # the official code lets padding into the attention).
+        qk, v = self.proj.split(x if self.faithful else x * mask[..., None])
+        pad = self.canonical_len - length
         qk, v = (rearrange(F.pad(t, (0, 0, 0, pad)), "b h t d -> (b h) t d") for t in (qk, v))
         mask = F.pad(mask, (0, pad), value=False).repeat_interleave(heads, dim=0)
         if self.faithful:

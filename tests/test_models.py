@@ -9,6 +9,7 @@ import lra_dtn  # noqa: F401  (registers every normalizer, dtn included)
 from lra_dtn.config import ModelConfig, Preset
 from lra_dtn.norms import NORMS
 from models import MODELS, build_model
+from models.blocks import pool
 from tasks import TASKS
 
 ENCODERS = ["transformer", "bigbird", "reformer"]
@@ -48,19 +49,40 @@ def test_every_parameter_receives_a_gradient(model_name, norm):
 
 
 @pytest.mark.parametrize("norm", NORMS.names())
-@pytest.mark.parametrize("model_name", ["transformer", "bigbird"])
+@pytest.mark.parametrize("model_name", ENCODERS)
 def test_real_tokens_do_not_change_with_extra_padding(model_name, norm):
+    """Whatever the batch's width and whatever token ids sit in the padding (Reformer: LSH is exact
+    only because every sequence is padded to one length with zero vectors inside the attention)."""
     torch.manual_seed(0)
     model = build_model(model_name, small_config(), norm, seed=1).eval()
     tokens = []
     model.encoder.final_norm.register_forward_hook(lambda module, args, out: tokens.append(out))
     lengths = [21, 13, 5]
     ids, mask = batch(lengths, 39)
+    garbage = torch.randint(1, 13, ids.shape) * ~mask
     for width in (21, 30, 39):  # 6, 8 and all 10 BigBird blocks (the last one global)
         model(ids[:, :width], mask[:, :width])
+    model(ids + garbage, mask)
     real = torch.arange(22) < torch.tensor(lengths)[:, None] + 1  # + CLS
     for out in tokens[1:]:
         torch.testing.assert_close(out[:, :22][real], tokens[0][real], rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooling_after_a_zero_token_mean_norm_is_refused():
+    """InstanceNorm's output averages to its bias over the tokens: MEAN pooling would make a classifier
+    that ignores its input. Refused by the encoder and when a run is planned (before any training)."""
+    from lra_dtn.specs import make_spec
+
+    norm = NORMS.get("in")(24, 3)
+    torch.nn.init.normal_(norm.bias)
+    x, mask = torch.randn(3, 39, 24), batch([21, 13, 5], 39)[1]
+    pooled = pool(norm(x, mask), mask, "mean")  # what the classifier would see, for any x
+    torch.testing.assert_close(pooled, norm.bias.detach().expand_as(pooled), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pooling=cls"):
+        build_model("transformer", small_config(pooling="mean"), "in")
+    with pytest.raises(ValueError, match="pooling=cls"):
+        make_spec("pathfinder", "transformer", "in", "smoke")
+    assert make_spec("pathfinder", "transformer", "in", "smoke", settings=["model.pooling=cls"]).norm == "in"
 
 
 @pytest.mark.parametrize("dual_head, width", [("concat", 2), ("nli", 4)])
