@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lra_dtn.config import Preset
 from lra_dtn.data import DataError
+from lra_dtn.engine import RunExistsError
 from lra_dtn.norms import NORMS
 from models import MODELS
 from tasks import TASKS
@@ -26,17 +27,17 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="official: the LRA config of the task; cpu: learns on 2 CPU cores in minutes "
                              "(smaller model, shorter generated data where noted); smoke: seconds, for CI "
                              "(default: %(default)s)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+    parser.add_argument("--data-dir", type=folder_arg, default=Path("data"),
                         help="folder holding the LRA files (see README); generated tasks write there "
                              "(default: %(default)s)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=folder_arg, default=None,
                         help="tokenized-data cache (default: DATA_DIR/.lra_dtn_cache)")
-    parser.add_argument("--out", type=Path, default=Path("results"),
+    parser.add_argument("--out", type=folder_arg, default=Path("results"),
                         help="output folder: runs/<run>/ (checkpoint, result.json), tb/ (TensorBoard), "
                              "results.csv and results.md (default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="training steps (replaces the preset's; the schedule follows)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="global batch size, split over processes and --grad-accum")
     parser.add_argument("--grad-accum", type=grad_accum_arg, default=None, metavar="N|auto",
                         help="split each batch into N sequential micro-batches (same gradient, less memory); "
@@ -52,13 +53,31 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def folder_arg(text: str) -> Path:
+    """A folder to read or write: it may not exist yet, but it may not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def count_arg(text: str, least: int) -> int:
+    if not text.isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    return count_arg(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return count_arg(text, 0)
+
+
 def grad_accum_arg(text: str) -> int:
     """``--grad-accum``: a positive count, or ``auto`` (stored as 0 in the config)."""
-    if text == "auto":
-        return 0
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
-    return int(text)
+    return 0 if text == "auto" else positive_int(text)
 
 
 def positive_float(text: str) -> float:
@@ -93,24 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", required=True, choices=TASKS.names(), help="LRA task")
     train.add_argument("--model", required=True, choices=MODELS.names(), help="encoder")
     train.add_argument("--norm", default="ln", choices=NORMS.names(), help="normalizer in every norm slot")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout")
-    train.add_argument("--resume", action="store_true",
+    train.add_argument("--seed", type=non_negative_int, default=0, help="seed of init, data order and dropout")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
                        help="continue the run from its last checkpoint in --out (a finished run is reported)")
-    train.add_argument("--overwrite", action="store_true", help="restart a run that already has files in --out")
+    again.add_argument("--overwrite", action="store_true", help="restart a run that already has files in --out")
     add_common(train)
 
     gen = sub.add_parser("generate", help="generate a task's data in the official file layout")
     gen.add_argument("task", choices=[n for n in TASKS.names() if TASKS.get(n).generated])
-    gen.add_argument("--out", type=Path, required=True, help="folder to write")
+    gen.add_argument("--out", type=folder_arg, required=True, help="folder to write")
     gen.add_argument("--preset", default=Preset.official.value, choices=[p.value for p in Preset],
                      help="whose data settings to generate (default: %(default)s)")
-    gen.add_argument("--seed", type=int, default=None, help="generator seed (default: the preset's)")
+    gen.add_argument("--seed", type=non_negative_int, default=None, help="generator seed (default: the preset's)")
     gen.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                      help="change a data setting, e.g. --set num_train=1000")
-    gen.add_argument("--workers", type=int, default=2, help="processes (default: %(default)s)")
+    gen.add_argument("--workers", type=positive_int, default=2, help="processes (default: %(default)s)")
 
     table = sub.add_parser("table", help="rebuild results.csv / results.md from the run JSONs under --out")
-    table.add_argument("--out", type=Path, default=Path("results"))
+    table.add_argument("--out", type=folder_arg, default=Path("results"), help="the sweep's or train's --out")
 
     from lra_dtn import sweep
 
@@ -149,6 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_table(args: argparse.Namespace) -> None:
     from lra_dtn.results import update_tables
 
+    if not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: no such folder (pass the --out your runs were written to)")
     update_tables(args.out, figure=True)
     figure = args.out / "dtn_gates.png"
     print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}"
@@ -168,6 +190,5 @@ def main(argv: list[str] | None = None) -> None:
             sweep.main(args)
         else:
             handler(args)
-    except (DataError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.exit(f"error: {message}")
+    except (DataError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
+        sys.exit(f"error: {err}")

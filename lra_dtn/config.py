@@ -11,6 +11,30 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+# The closed choices of the string fields below, written once (checked when a config is built).
+POOLINGS = ("cls", "mean")
+POS_EMBS = ("sinusoidal", "learned")
+DUAL_HEADS = ("concat", "nli")
+SCHEDULES = ("rsqrt", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_fields(config: Any, positive: tuple[str, ...], non_negative: tuple[str, ...] = (),
+                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Reject impossible values when a config is built (a ``--set`` typo fails before any training,
+    naming the field), not steps later inside the run."""
+    name = type(config).__name__
+    for field_name in positive:
+        if not getattr(config, field_name) > 0:
+            raise ValueError(f"{name}.{field_name} must be positive, got {getattr(config, field_name)!r}")
+    for field_name in non_negative:
+        if not getattr(config, field_name) >= 0:
+            raise ValueError(f"{name}.{field_name} must be >= 0, got {getattr(config, field_name)!r}")
+    for field_name, allowed in (choices or {}).items():
+        if getattr(config, field_name) not in allowed:
+            raise ValueError(f"{name}.{field_name} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(config, field_name)!r}")
+
 
 class Preset(str, enum.Enum):
     """``official``: the LRA config of the task; ``cpu``: learns on 2 CPU cores in minutes;
@@ -46,6 +70,12 @@ class ModelConfig:
     n_buckets: int = 10
     reformer_faithful: bool = False  # True: official sqrt(d)-multiplied logits, mask ignored, rotations fixed in training
 
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("vocab_size", "num_classes", "max_len", "num_layers", "emb_dim", "qkv_dim",
+                                     "mlp_dim", "num_heads", "block_size", "n_hashes", "n_buckets"),
+                     non_negative=("dropout", "attn_dropout", "num_random_blocks"),
+                     choices={"pooling": POOLINGS, "pos_emb": POS_EMBS, "dual_head": DUAL_HEADS})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -64,6 +94,15 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on CUDA / CPU)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("batch_size", "steps", "lr", "eval_every", "checkpoint_every"),
+                     non_negative=("warmup", "weight_decay", "grad_accum", "eps"),
+                     choices={"schedule": SCHEDULES, "precision": PRECISIONS})
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive or none, got {self.grad_clip!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), e.g. 0.9,0.98, got {self.betas!r}")
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -46,9 +44,26 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, then rename: a kill mid-write keeps the previous one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with results.atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+CHECKPOINT_KEYS = ("spec", "model", "optimizer", "rng", "state")
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`; anything else (a damaged or foreign file) raises
+    :class:`~lra_dtn.results.RunFileError` naming the file and what to do, instead of torch's unpickling error."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # noqa: BLE001 (zip, pickle and EOF errors alike mean "not a checkpoint")
+        raise results.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); delete {path.parent} "
+                        "to start this run afresh") from err
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise results.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); delete {path.parent} "
+                        "to start this run afresh")
+    return ckpt
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -179,8 +194,10 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / results.RESULT_FILE
     if not (resume or overwrite) and (ckpt_path.exists() or result_path.exists()):
         raise RunExistsError(f"{folder} already holds a run; pass --resume to continue it or --overwrite to restart")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pass one")
     if resume and result_path.exists():
-        return json.loads(result_path.read_text())
+        return results.read_result(result_path)
 
     cfg = spec.train
     if cfg.grad_accum < 0 or cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
@@ -205,9 +222,10 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         result_path.unlink(missing_ok=True)
         shutil.rmtree(Path(out) / "tb" / spec.run_id, ignore_errors=True)
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=ctx.device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, ctx.device)
         if ckpt["spec"] != spec.to_dict():
-            raise ValueError(f"{ckpt_path} was written by a different config; use a new --out or --overwrite")
+            raise ValueError(f"{ckpt_path} was written by a different config; use a new --out, or delete "
+                             f"{folder} (train: --overwrite) to start this run afresh")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         restore_rng_state(ckpt["rng"][ctx.rank % len(ckpt["rng"])], ctx.device)
@@ -235,7 +253,12 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=spec.run_id, dynamic_ncols=True, mininterval=1.0)
 
+    def peak_mb() -> float:
+        """The peak over every process that worked on this run (a resumed one starts from zero)."""
+        return max(peak_memory_mb(ctx.device)[0], state.get("peak_mem_mb", 0.0))
+
     def checkpoint() -> None:
+        state["peak_mem_mb"] = peak_mb()
         mine = rng_state(ctx.device)
         rngs = [mine] * ctx.world_size
         if ctx.group:
@@ -296,7 +319,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         bar.close()
 
     test = evaluate(model, splits["test"], micro * accum, ctx, cfg.precision, mask_zero)
-    memory, memory_kind = peak_memory_mb(ctx.device)
+    memory, memory_kind = peak_mb(), peak_memory_mb(ctx.device)[1]
     last_val = state["history"][-1] if state["history"] else {}
     result = {
         "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,

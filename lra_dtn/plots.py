@@ -8,14 +8,14 @@ preset, settings, task, model and norm are averaged over seeds (gates and window
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from lra_dtn import results
 
 FIGURE_FILE = "dtn_gates.png"
 MAX_OFFSET = 32  # the window is drawn over j - i in [-32, 32]
@@ -147,15 +147,9 @@ def write_dtn_figure(runs: Iterable[dict[str, Any]], path: Path) -> Path | None:
         ax.set_title(f"positional window per head (rows: {num_heads} heads per slot), softmax over |j − i| ≤ "
                      f"{MAX_OFFSET}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with results.atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
     finally:
         plt.close(fig)
     return path

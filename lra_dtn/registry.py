@@ -10,6 +10,14 @@ from typing import Callable, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
+class UnknownName(KeyError, ValueError):
+    """A name no registry entry has. A ``KeyError`` for lookups, a ``ValueError`` for the CLI, which
+    reports ``ValueError`` as a usage error; ``str()`` is the message itself, without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """Maps names to classes (or factories); rejects duplicates and explains unknown names."""
 
@@ -32,7 +40,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownName(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
 

@@ -1,7 +1,7 @@
 """Run artifacts: one JSON per run, and the tables rebuilt from all of them.
 
 Data flows one way: ``OUT/runs/<run_id>/result.json`` (one per finished run), plus the sweep's
-markers ``OUT/missing/<task>-<preset>.json`` (a task whose data is missing, with the reason) and
+markers ``OUT/missing/<task>-<preset>[-<variant>].json`` (a task whose data is missing, with the reason) and
 ``OUT/failed/<run_id>.json`` (a run that raised) -> :func:`update_tables` -> ``results.csv``,
 ``results.md``, ``runs.csv`` and the DTN figure ``dtn_gates.png``. Nothing else is read, so deleting
 the tables and running ``run_lra.py table --out OUT`` rebuilds them exactly, and a run can never be
@@ -12,6 +12,7 @@ never leaves a half-written JSON, CSV or Markdown table behind.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 RESULT_FILE = "result.json"
 MISSING_DIR = "missing"
@@ -41,6 +42,8 @@ OFFICIAL_LRA: dict[str, dict[str, float | None]] = {
                  "pathx": None},
 }
 OFFICIAL_AVG = {"transformer": 54.39, "bigbird": 55.01, "reformer": 50.67}
+# Not in any Avg, ours or the paper's: the paper averages its 5 tasks without Path-X (every model FAILs it).
+NOT_AVERAGED = frozenset({"pathx"})
 OFFICIAL_MODEL_NAMES = {"transformer": "Transformer", "bigbird": "BigBird", "reformer": "Reformer"}
 
 
@@ -48,42 +51,97 @@ OFFICIAL_MODEL_NAMES = {"transformer": "Transformer", "bigbird": "BigBird", "ref
 # Files
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+class RunFileError(ValueError):
+    """A file under ``OUT`` that should be one of ours (run result, marker, checkpoint) but is not:
+    damaged or foreign. The message names the file and what to delete."""
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends, removed
+    if it raises. So readers see the old file or the new one, never a part. The file gets the
+    permissions a plain ``open`` would give (``mkstemp`` makes it owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`), synced to disk."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
+# The keys the tables need from each kind of JSON.
+RESULT_KEYS = ("run_id", "task", "model", "norm", "preset", "seed", "test_acc")
+MISSING_KEYS = ("task", "preset", "reason")
+FAILED_KEYS = ("run_id", "task", "model", "norm", "preset", "seed")
+
+
+def read_json(path: Path, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """One of our JSON files, with ``keys``; anything else raises :class:`RunFileError` naming it."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path}: not a readable {what} ({err}); delete it (the next sweep redoes what it "
+                           "recorded)") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise RunFileError(f"{path}: not a {what} (no {', '.join(missing)}); delete it (the next sweep redoes "
+                           "what it recorded)")
+    return obj
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    return read_json(path, RESULT_KEYS, "run result")
+
+
 def load_runs(out: Path) -> list[dict[str, Any]]:
     """Every finished run's JSON under ``out/runs/``, in a stable order."""
-    return [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"runs/*/{RESULT_FILE}"))]
+    return [read_result(p) for p in sorted(Path(out).glob(f"runs/*/{RESULT_FILE}"))]
 
 
-def missing_marker(out: Path, task: str, preset: str) -> Path:
-    return Path(out) / MISSING_DIR / f"{task}-{preset}.json"
+def missing_marker(out: Path, task: str, preset: str, variant: str = "") -> Path:
+    """One marker per task, preset and settings variant: sweeps of other models or seeds of the same
+    task merge into it, a sweep with other settings gets its own."""
+    suffix = f"-{variant}" if variant else ""
+    return Path(out) / MISSING_DIR / f"{task}-{preset}{suffix}.json"
 
 
 def failed_marker(out: Path, run_id: str) -> Path:
     return Path(out) / FAILED_DIR / f"{run_id}.json"
 
 
+MARKER_KEYS = {MISSING_DIR: MISSING_KEYS, FAILED_DIR: FAILED_KEYS}
+
+
+def load_marker(path: Path, kind: str) -> dict[str, Any]:
+    return read_json(path, MARKER_KEYS[kind], f"'{kind}' marker")
+
+
 def load_markers(out: Path, kind: str) -> list[dict[str, Any]]:
     """The sweep's ``missing`` or ``failed`` markers (small JSONs), in a stable order."""
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / kind).glob("*.json"))]
+    return [load_marker(p, kind) for p in sorted((Path(out) / kind).glob("*.json"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +358,7 @@ def md_escape(text: str) -> str:
 CSV_COLUMNS = ["preset", "variant", "task", "model", "norm", "data", "n", "seeds", "test_acc_mean_pct",
                "test_acc_std_pct", "val_acc_mean_pct", "diff_vs_ln_pct", "diff_ci95_low_pct",
                "diff_ci95_high_pct", "diff_n", "sec_per_step", "peak_mem_mb", "peak_mem_kind", "params",
-               "lra_paper_pct", "status", "reason"]
+               "lra_paper_pct", "avg_over_tasks_pct", "avg_tasks", "status", "reason"]
 
 RUN_COLUMNS = ["run_id", "task", "model", "norm", "preset", "seed", "val_acc", "test_acc", "test_n", "steps",
                "sec_per_step", "peak_mem_mb", "params", "world_size", "device", "data"]
@@ -314,10 +372,22 @@ def status_of(row: Row) -> tuple[str, str]:
     return "failed", "failed: " + ", ".join(row.failed)
 
 
+def averaged(rows: Iterable[Row]) -> dict[tuple[str, str, str, str], dict[str, float]]:
+    """What the LRA "Avg" averages: per (preset, variant, model, norm), ``{task: mean test accuracy}``
+    over the tasks with results, without Path-X (as the paper), in LRA order."""
+    by_config: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for row in sorted(rows, key=sort_key):
+        if row.acc and row.task not in NOT_AVERAGED:
+            by_config.setdefault((row.preset, row.variant, row.model, row.norm), {})[row.task] = row.acc_mean_std()[0]
+    return by_config
+
+
 def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
+    averages = averaged(rows)
     for row in rows:
         mean, std = row.acc_mean_std()
+        accs = averages.get((row.preset, row.variant, row.model, row.norm), {})
         status, reason = status_of(row)
         diff = row.diff
         out.append({
@@ -333,6 +403,8 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
             "sec_per_step": mean_or_none(row.sec_per_step), "peak_mem_mb": max(row.peak_mem_mb, default=None),
             "peak_mem_kind": row.peak_mem_kind, "params": row.params,
             "lra_paper_pct": official(row.model, row.task) if row.norm == BASELINE_NORM else None,
+            "avg_over_tasks_pct": round(sum(accs.values()) / len(accs), 4) if accs else None,
+            "avg_tasks": " ".join(accs),
             "status": status, "reason": reason,
         })
     return out
@@ -355,41 +427,43 @@ def sections(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
 
 
 def wide_table(rows: list[Row]) -> list[str]:
-    """The LRA layout: a row per model and norm, a column per task, and the average over tasks;
-    a Δ row per non-baseline norm; the official LRA rows of the same models for reference."""
+    """The LRA layout: a row per model and norm, a column per task, and the average over tasks (without
+    Path-X, as the paper); a Δ row per non-baseline norm; the official LRA rows of the same models, their
+    Avg over the tasks our baseline row of that model has, so the two compare."""
     tasks = sorted({r.task for r in rows}, key=task_order)
+    averaged_tasks = [t for t in tasks if t not in NOT_AVERAGED]
+    averages = {key[2:]: accs for key, accs in averaged(rows).items()}  # one preset and variant: (model, norm)
     by_key = {(r.model, r.norm, r.task): r for r in rows}
     models = sorted({r.model for r in rows}, key=model_order)
     header = ["Model", "Norm", *(LRA_TASK_NAMES.get(t, t) for t in tasks), "Avg"]
     body = []
+
+    def row_of(model: str, norm: str, task: str) -> Row | None:
+        return by_key.get((model, norm, task))
+
     for model in models:
         norms = sorted({r.norm for r in rows if r.model == model}, key=norm_order)
         for norm in norms:
-            cells, means = [], []
-            for task in tasks:
-                row = by_key.get((model, norm, task))
-                cells.append(fmt_acc(row) if row else "")
-                if row and row.acc:
-                    means.append(row.acc_mean_std()[0])
-            body.append([model, norm, *cells, avg_cell(means, len(tasks))])
+            cells = [fmt_acc(row_of(model, norm, t)) if row_of(model, norm, t) else "" for t in tasks]
+            body.append([model, norm, *cells, avg_cell(list(averages.get((model, norm), {}).values()),
+                                                       len(averaged_tasks))])
         for norm in norms:
             if norm == BASELINE_NORM:
                 continue
-            diffs = [by_key[(model, norm, t)].diff if (model, norm, t) in by_key else None for t in tasks]
-            present = [d.mean for d in diffs if d is not None]
-            if present:
+            diffs = [row_of(model, norm, t).diff if row_of(model, norm, t) else None for t in tasks]
+            present = [d.mean for t, d in zip(tasks, diffs) if d is not None and t not in NOT_AVERAGED]
+            if any(d is not None for d in diffs):
                 body.append([model, f"Δ {norm} − {BASELINE_NORM}", *(signed(d.mean) if d else "" for d in diffs),
-                             avg_cell(present, len(tasks), signed)])
-    # The official Avg over the tasks we have results for, so it compares with our rows' Avg.
-    with_results = [t for t in tasks if any(r.acc for r in rows if r.task == t)]
+                             avg_cell(present, len(averaged_tasks), signed)])
     for model in models:
         if model in OFFICIAL_LRA:
+            ours = averages.get((model, BASELINE_NORM), {})
             values = [official(model, t) for t in tasks]
-            shown = [official(model, t) for t in with_results if official(model, t) is not None]
             body.append([f"LRA paper (official): {OFFICIAL_MODEL_NAMES[model]}, 5-task Avg {OFFICIAL_AVG[model]:.2f}",
                          BASELINE_NORM,
                          *(("FAIL" if t == "pathx" else "") if v is None else pct(v) for t, v in zip(tasks, values)),
-                         avg_cell(shown, len(tasks))])
+                         avg_cell([official(model, t) for t in ours if official(model, t) is not None],
+                                  len(averaged_tasks))])
     return markdown_table(header, body, "ll" + "r" * (len(tasks) + 1))
 
 
@@ -434,8 +508,8 @@ def to_markdown(rows: list[Row], num_runs: int, figure: str | None = None) -> st
     lines = ["# LRA: LayerNorm vs DTN", "",
              f"Rebuilt from {num_runs} run JSON(s) on {stamp}. Test accuracy in %, mean ± sample std over seeds. "
              f"Δ = norm − {BASELINE_NORM} in percentage points over the seeds both have, with a 95% paired "
-             "t-interval (n/a for one pair). Avg = mean over the tasks the row has (the LRA paper's Avg is over "
-             "its 5 tasks without Path-X). Time per step excludes evaluation; peak memory is the run's peak "
+             "t-interval (n/a for one pair). Avg = mean over the tasks the row has, without Path-X as in the LRA "
+             "paper (whose rows here average the tasks our LN row of that model has). Time per step excludes evaluation; peak memory is the run's peak "
              "(CUDA allocation on GPU, resident set on CPU)."]
     if figure:
         lines += ["", f"Learned DTN gates and positional windows: [{figure}]({figure})"]

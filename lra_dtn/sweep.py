@@ -9,8 +9,9 @@
 * Seeds are the outer loop: a sweep stopped half-way leaves every configuration with some seeds
   rather than some configurations with all of them.
 * A task whose data is missing (and cannot be generated) is checked once, before any training, and
-  recorded as ``OUT/missing/<task>-<preset>.json`` with the reason; the table lists it as missing.
-  The marker goes away once the data is there.
+  recorded as ``OUT/missing/<task>-<preset>[-<variant>].json`` with the reason and the models, norms
+  and seeds that wanted it (merged over sweeps); the table lists it as missing. The marker goes away
+  once the data is there.
 * A run that raises is recorded as ``OUT/failed/<run_id>.json`` and the sweep goes on with the next
   (on one process; under ``torchrun`` the ranks must stay in step, so it stops). The exit status is
   1 when a run failed.
@@ -41,9 +42,10 @@ def parse_names(text: str, registry: Registry, what: str) -> list[str]:
     """``"all"`` or a comma list, checked against the registry; order kept, duplicates dropped."""
     if text.strip() == "all":
         return registry.names()
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise ValueError(f"--{what}: no names given; choose from: {', '.join(registry.names())} (or all)")
+    names = list(dict.fromkeys(n.strip() for n in text.split(",")))
+    if "" in names:
+        raise ValueError(f"--{what} {text!r}: an empty name; give a comma list such as "
+                         f"{','.join(registry.names()[:2])}, or all")
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise ValueError(f"--{what}: unknown {registry.kind} {', '.join(map(repr, unknown))}; "
@@ -54,14 +56,14 @@ def parse_names(text: str, registry: Registry, what: str) -> list[str]:
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` or ``"0-4"`` (inclusive) or a mix: ``"0-2,7"``."""
     seeds: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            first, sep, last = part.partition("-")
-            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
-    except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected integers such as 0,1,2 or 0-4") from None
-    if not seeds:
-        raise ValueError(f"--seeds {text!r}: no seed given")
+    for part in (p.strip() for p in text.split(",")):
+        first, sep, last = part.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"--seeds {text!r}: expected non-negative integers or ranges such as 0,1,2 or 0-4, "
+                             f"found {part!r}")
+        if sep and int(last) < int(first):
+            raise ValueError(f"--seeds {text!r}: the range {part!r} runs backwards; write {last}-{first}")
+        seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
     return list(dict.fromkeys(seeds))
 
 
@@ -90,7 +92,9 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
 
 
 def finished(out: Path, spec: RunSpec) -> bool:
-    return (Path(out) / "runs" / spec.run_id / results.RESULT_FILE).exists()
+    """Whether the run's result exists; a damaged one raises (naming it) before anything is trained."""
+    path = Path(out) / "runs" / spec.run_id / results.RESULT_FILE
+    return path.exists() and bool(results.read_result(path))
 
 
 def check_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
@@ -123,13 +127,19 @@ def broadcast(ctx: distributed.DistContext, obj: Any) -> Any:
 
 
 def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> None:
-    mine = [s for s in specs if s.task == task]
-    first = mine[0]
-    results.write_json(results.missing_marker(out, task, first.preset), {
-        "task": task, "preset": first.preset, "variant": first.variant, "reason": reason,
-        "models": sorted({s.model_name for s in mine}), "norms": sorted({s.norm for s in mine}),
-        "seeds": sorted({s.seed for s in mine}),
-        "data": TASKS.get(task)().describe(first.data, first.model)})
+    """The task's markers, one per settings variant, merged with what earlier sweeps recorded there
+    (another sweep of other models or seeds of the task must not drop theirs from the table)."""
+    for variant in dict.fromkeys(s.variant for s in specs if s.task == task):
+        mine = [s for s in specs if s.task == task and s.variant == variant]
+        first = mine[0]
+        path = results.missing_marker(out, task, first.preset, variant)
+        old = results.load_marker(path, results.MISSING_DIR) if path.exists() else {}
+        results.write_json(path, {
+            "task": task, "preset": first.preset, "variant": variant, "reason": reason,
+            "models": sorted({s.model_name for s in mine} | set(old.get("models", []))),
+            "norms": sorted({s.norm for s in mine} | set(old.get("norms", []))),
+            "seeds": sorted({s.seed for s in mine} | set(old.get("seeds", []))),
+            "data": TASKS.get(task)().describe(first.data, first.model)})
 
 
 def write_failed(out: Path, spec: RunSpec, err: BaseException) -> None:
@@ -152,7 +162,6 @@ def main(args: argparse.Namespace) -> None:
             print(f"[sweep] {message}", flush=True)
 
     pending = [s for s in specs if not finished(out, s)]
-    say(f"{len(specs)} runs in the grid, {len(specs) - len(pending)} already finished, {len(pending)} to go")
     # Rank 0 generates/inspects the data once; the other ranks take its verdict (same files).
     missing = broadcast(ctx, check_data(pending, args.data_dir) if ctx.is_main else None)
     if ctx.is_main:
@@ -161,9 +170,12 @@ def main(args: argparse.Namespace) -> None:
                 write_missing(out, task, pending, missing[task])
                 say(f"{task}: data missing, its runs are skipped and listed in the table: {missing[task]}")
             else:  # the data is there now, or no run of the task needs it any more
-                results.missing_marker(out, task, args.preset).unlink(missing_ok=True)
+                for variant in {s.variant for s in specs if s.task == task}:
+                    results.missing_marker(out, task, args.preset, variant).unlink(missing_ok=True)
 
     todo = [s for s in pending if s.task not in missing]
+    say(f"{len(specs)} runs in the grid: {len(specs) - len(pending)} already finished, {len(todo)} to go"
+        + (f", {len(pending) - len(todo)} without data" if len(pending) > len(todo) else ""))
     failures: list[str] = []
     for i, spec in enumerate(todo, start=1):
         if spec.task in missing:  # its data went missing while loading an earlier run

@@ -139,3 +139,46 @@ def test_cli_generate_rejects_a_setting_without_a_value(tmp_path):
     with pytest.raises(SystemExit, match="expected NAME=VALUE"):
         main(["generate", "listops", "--out", str(tmp_path / "gen"), "--set", "num_train"])
     assert not (tmp_path / "gen").exists()
+
+
+def test_a_damaged_checkpoint_is_named_and_the_resume_refused_cleanly(tmp_path):
+    """A cut-short or foreign checkpoint.pt: a message naming it and what to delete, not torch's error."""
+    spec = smoke_spec()
+    path = tmp_path / "out" / "runs" / spec.run_id / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    for content in (b"garbage", None):
+        if content is None:
+            torch.save({"a": 1}, path)
+        else:
+            path.write_bytes(content)
+        with pytest.raises(SystemExit, match=f"error: {path}: not .*checkpoint.*delete {path.parent}"):
+            main(["--task", "listops", "--model", "transformer", "--preset", "smoke", "--resume",
+                  "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), "--no-progress",
+                  *(a for s in SETTINGS for a in ("--set", s))])
+
+
+def test_cli_refuses_bad_values_naming_the_option(tmp_path, capsys):
+    base = ["--task", "listops", "--model", "transformer", "--out", str(tmp_path / "out")]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, complaint in ((["--out", str(a_file)], "is a file, not a folder"),
+                            (["--data-dir", str(a_file)], "is a file, not a folder"),
+                            (["--batch-size", "0"], "expected an integer >= 1"),
+                            (["--max-steps", "-3"], "expected an integer >= 1"),
+                            (["--seed", "-1"], "expected an integer >= 0"),
+                            (["--resume", "--overwrite"], "not allowed with argument")):
+        with pytest.raises(SystemExit):
+            main([*base, *args])
+        assert complaint in capsys.readouterr().err, args
+    for setting, complaint in (("train.lr=abc", r"--set train.lr=abc: could not convert"),
+                               ("train.eval_every=0", r"TrainConfig.eval_every must be positive"),
+                               ("train.betas=0.9", r"TrainConfig.betas must be two numbers"),
+                               ("train.schedule=foo", r"TrainConfig.schedule must be one of rsqrt, cosine"),
+                               ("model.pooling=max", r"ModelConfig.pooling must be one of cls, mean"),
+                               ("model.reformer_faithful=maybe", r"reformer_faithful=maybe: expected true or false")):
+        with pytest.raises(SystemExit, match=complaint):
+            main([*base, "--set", setting])
+    assert not (tmp_path / "out").exists()  # all refused before any training
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["table", "--out", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()

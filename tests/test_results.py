@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -146,3 +147,44 @@ def test_dtn_figure_is_written_next_to_the_table_only_with_dtn_runs(tmp_path):
     assert np.allclose(dtn.gate_mean, mean_gate) and dtn.window.shape == (5, 4, 65)
     var_only = next(g for g in groups if "dtn_var" in g.label)
     assert var_only.gate_mean is None and var_only.slots[-2:] == ["10.mlp_norm", "final_norm"]
+
+
+def test_avg_leaves_out_path_x_for_ours_and_the_paper_alike_and_is_in_the_csv(tmp_path):
+    out = tmp_path
+    for task, acc in (("listops", 0.40), ("pathfinder", 0.60), ("pathx", 0.50)):
+        fake_run(out, task, "transformer", "ln", 0, acc)
+    fake_run(out, "listops", "reformer", "ln", 0, 0.30)
+    results.update_tables(out, figure=False)
+    rows = read_csv(out / "results.csv")
+    for task in ("listops", "pathfinder", "pathx"):  # the same (model, norm) Avg on each of its rows
+        row = rows[("cpu", task, "transformer", "ln")]
+        assert float(row["avg_over_tasks_pct"]) == pytest.approx(50.0) and row["avg_tasks"] == "listops pathfinder"
+    assert rows[("cpu", "listops", "reformer", "ln")]["avg_over_tasks_pct"] == "30.0"
+    md = (out / "results.md").read_text()
+    assert "| transformer | ln | 40.00 | 60.00 | 50.00 | 50.00 |" in md
+    # The paper's rows average the tasks our LN row of that model has: (36.37 + 71.40) / 2, 37.27 alone.
+    assert "| LRA paper (official): Transformer, 5-task Avg 54.39 | ln | 36.37 | 71.40 | FAIL | 53.89 |" in md
+    assert "| LRA paper (official): Reformer, 5-task Avg 50.67 | ln | 37.27 | 68.50 | FAIL | 37.27 (1 of 2 tasks) |" in md
+
+
+@pytest.mark.parametrize("text, complaint", [("{\"task\": \"listops\"", "not a readable run result"),
+                                             ("{\"task\": \"listops\"}", "no run_id, model"), ("[]", "no run_id")])
+def test_a_damaged_result_is_named_with_what_to_delete(tmp_path, text, complaint):
+    fake_run(tmp_path, "listops", "transformer", "ln", 0, 0.4)
+    bad = tmp_path / "runs" / "listops-transformer-ln-cpu-s0" / "result.json"
+    bad.write_text(text)
+    with pytest.raises(results.RunFileError, match=complaint) as error:
+        results.update_tables(tmp_path)
+    assert str(bad) in str(error.value) and "delete it" in str(error.value)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fake_run(tmp_path, "listops", "transformer", "ln", 0, 0.4)
+        results.update_tables(tmp_path, figure=False)
+    finally:
+        os.umask(old)
+    for name in ("results.csv", "results.md", "runs.csv", "runs/listops-transformer-ln-cpu-s0/result.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind

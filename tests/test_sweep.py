@@ -126,7 +126,9 @@ def test_killed_sweep_reruns_to_the_full_table(tmp_path, monkeypatch, grid_tasks
     assert ln_transformer["lra_paper_pct"] == "36.37"
     missing = [r for r in rows if r["status"] == "missing"]
     assert len(missing) == 4 and all(r["task"] == "nodata" and "nodata/train.tsv" in r["reason"] for r in missing)
-    assert json.loads((out / "missing" / "nodata-smoke.json").read_text())["models"] == ["bigbird", "transformer"]
+    variant = missing[0]["variant"]  # SETTINGS change the smoke preset: one marker per task and variant
+    marker = json.loads((out / "missing" / f"nodata-smoke-{variant}.json").read_text())
+    assert marker["models"] == ["bigbird", "transformer"] and marker["seeds"] == [0, 1]
     md = (out / "results.md").read_text()
     assert "### Missing data" in md and "- **nodata** (generated" in md and "nodata/train.tsv" in md
     assert "LRA paper (official): Transformer" in md and "\n| nodata |" not in md  # one line, not a row per model
@@ -177,8 +179,12 @@ def test_names_are_checked_against_the_registries():
     with pytest.raises(ValueError, match=r"--norms: unknown norm 'nope'; choose from: ln, rms"):
         sweep.parse_names("ln,nope", NORMS, "norms")
     assert sweep.parse_seeds("0-2,7,1") == [0, 1, 2, 7]
-    with pytest.raises(ValueError, match="--seeds"):
-        sweep.parse_seeds("a")
+    for text, complaint in (("a", "found 'a'"), ("0,,1", "found ''"), ("", "found ''"), ("-1", "found '-1'"),
+                            ("3-1", "runs backwards; write 1-3")):
+        with pytest.raises(ValueError, match=complaint):
+            sweep.parse_seeds(text)
+    with pytest.raises(ValueError, match="an empty name"):
+        sweep.parse_names("ln,,rms", NORMS, "norms")
 
 
 def test_cli_sweep_rejects_unknown_names_before_training(tmp_path):
@@ -199,3 +205,37 @@ def test_sweep_defaults_compare_ln_with_dtn(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--tasks", "--models", "--norms", "--seeds", "--preset", "--grad-accum", "--precision", "--out"):
         assert option in text
+
+
+def test_missing_tasks_of_several_sweeps_all_stay_in_the_table(tmp_path, grid_tasks, monkeypatch):
+    """A second sweep of the same missing task with another model (or seed) adds to its marker; a
+    sweep with other settings gets a marker of its own. Nothing listed before is dropped."""
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("no run of a missing task may train"))
+    main(sweep_args(tmp_path, tasks="nodata", models="transformer", seeds="0"))
+    main(sweep_args(tmp_path, tasks="nodata", models="bigbird", seeds="1"))
+    main([*sweep_args(tmp_path, tasks="nodata", models="bigbird", seeds="0"), "--set", "train.lr=0.01"])
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert all(r["status"] == "missing" for r in rows)
+    first = next(r["variant"] for r in rows if r["model"] == "transformer")
+    assert sorted((r["model"], r["norm"]) for r in rows if r["variant"] == first) == sorted(
+        (m, n) for m in ("transformer", "bigbird") for n in ("ln", NORM))
+    assert sorted((r["model"], r["norm"]) for r in rows if r["variant"] != first) == [("bigbird", n) for n in sorted(("ln", NORM))]
+    marker = json.loads((tmp_path / "out" / "missing" / f"nodata-smoke-{first}.json").read_text())
+    assert marker["models"] == ["bigbird", "transformer"] and marker["seeds"] == [0, 1]
+    assert len(list((tmp_path / "out" / "missing").glob("*.json"))) == 2
+
+
+def test_a_damaged_result_stops_the_sweep_before_any_training(tmp_path, grid_tasks, monkeypatch):
+    spec = sweep.plan(sweep_args_namespace(tmp_path))[0]
+    bad = engine.run_dir(tmp_path / "out", spec) / "result.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"run_id": "x", "task"')
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("nothing may train"))
+    with pytest.raises(SystemExit, match=f"error: {bad}: not a readable run result .*delete it"):
+        main(sweep_args(tmp_path, tasks="listops", models="transformer", seeds="0"))
+
+
+def sweep_args_namespace(tmp_path):
+    from lra_dtn.cli import build_parser
+
+    return build_parser().parse_args(sweep_args(tmp_path, tasks="listops", models="transformer", seeds="0"))
