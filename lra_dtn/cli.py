@@ -19,6 +19,12 @@ from models import MODELS
 from tasks import TASKS
 
 SUBCOMMANDS = ("train", "generate", "table", "sweep")
+INTERRUPTED = {  # what Ctrl-C leaves behind, per subcommand
+    "train": "the last checkpoint is kept; the same command with --resume goes on from it",
+    "sweep": "finished runs and the last checkpoint are kept; the same command goes on from there",
+    "generate": "nothing was written (the data folder appears only once complete)",
+    "table": "the previous tables are intact (they are replaced only once complete)",
+}
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -192,3 +198,6 @@ def main(argv: list[str] | None = None) -> None:
             handler(args)
     except (DataError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {INTERRUPTED[args.command]}", file=sys.stderr)
+        sys.exit(130)

@@ -54,15 +54,14 @@ CHECKPOINT_KEYS = ("spec", "model", "optimizer", "rng", "state")
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`; anything else (a damaged or foreign file) raises
     :class:`~lra_dtn.results.RunFileError` naming the file and what to do, instead of torch's unpickling error."""
+    what_to_do = f"delete {path.parent} to start this run afresh"
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as err:  # noqa: BLE001 (zip, pickle and EOF errors alike mean "not a checkpoint")
-        raise results.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); delete {path.parent} "
-                        "to start this run afresh") from err
+        raise results.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); {what_to_do}") from err
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise results.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); delete {path.parent} "
-                        "to start this run afresh")
+        raise results.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); {what_to_do}")
     return ckpt
 
 
@@ -200,7 +199,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         return results.read_result(result_path)
 
     cfg = spec.train
-    if cfg.grad_accum < 0 or cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
+    if cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by processes x grad_accum = "
                          f"{ctx.world_size} x {cfg.grad_accum} (grad_accum 0 = auto)")
     task = TASKS.get(spec.task)()

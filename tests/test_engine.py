@@ -182,3 +182,14 @@ def test_cli_refuses_bad_values_naming_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such folder"):
         main(["table", "--out", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--task", "listops", "--model", "transformer", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "interrupted: the last checkpoint is kept; the same command with --resume" in capsys.readouterr().err

@@ -75,8 +75,9 @@ def test_killed_sweep_reruns_to_the_full_table(tmp_path, monkeypatch, grid_tasks
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(engine, "save_checkpoint", killed_on_fifth_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:  # Ctrl-C: the CLI says what is kept, exits 130
         main(sweep_args(tmp_path))
+    assert interrupted.value.code == 130
     monkeypatch.setattr(engine, "save_checkpoint", saved)
     done_before = results_files(out)
     cut = calls[-1].parent.name
