@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ FFT_RANGE = 16.0
 #: Measured on 2 CPU cores: the float64 FFT path costs about as much as a convolution with
 #: ``FFT_COST * log2(n) * n / T`` taps (``n`` the FFT length), so it pays off from ~1000 offsets.
 FFT_COST = 80.0
-#: oneDNN switches to a much slower depthwise kernel above about 2^23 elements; calls are split by batch.
+#: oneDNN switches to a much slower depthwise kernel above about 2^23 elements; CPU calls are split by batch.
 CONV_CHUNK = 1 << 22
 #: On CPU both passes run over chunks of the batch of about this many tokens, so that their intermediate
 #: tensors stay in cache (whole-batch passes at T = 4096 were measured 2-3 times slower on CPU). A GPU
@@ -295,18 +296,20 @@ class _Conv:
         weight = self.weights[(name, channels // x.shape[2])]
         planes = x.view(B, T, channels).transpose(1, 2).unsqueeze(2)  # (B, channels, 1, T) channels-last
         result = out.view(B, T, channels).transpose(1, 2).unsqueeze(2)
-        step = max(1, CONV_CHUNK // (T * channels))
+        cpu = x.device.type == "cpu"
+        step = max(1, CONV_CHUNK // (T * channels)) if cpu else B
         with _exact_convolutions(x.device):
+            if not cpu and _transposed_is_faster(planes, weight, self.radius):
+                planes = planes.contiguous()  # NCHW: PyTorch's own depthwise kernel instead of cuDNN's NHWC one
             for i in range(0, B, step):
-                if _ONEDNN_ACCUMULATE and x.device.type == "cpu" and x.dtype == torch.float32:
+                if _ONEDNN_ACCUMULATE and cpu and x.dtype == torch.float32:
                     # oneDNN adds the convolution into the (zeroed) workspace: no fresh output to fault in
                     torch.ops.mkldnn._convolution_pointwise_.binary(
                         result[i : i + step].zero_(), planes[i : i + step], weight, None, [0, self.radius],
                         [1, 1], [1, 1], channels, "add", None, None, [], None,
                     )
                 else:
-                    chunk = planes[i : i + step]
-                    result[i : i + step] = F.conv2d(chunk, weight, padding=(0, self.radius), groups=channels)
+                    result[i : i + step] = _depthwise(planes[i : i + step], weight, self.radius)
         return out
 
     def conv(self, x: Tensor, out: Tensor) -> Tensor:
@@ -336,6 +339,36 @@ class _Conv:
 
 #: oneDNN's fused "convolution + add into a given tensor" (the op inductor uses), when this build has it.
 _ONEDNN_ACCUMULATE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+def _depthwise(planes: Tensor, weight: Tensor, radius: int) -> Tensor:
+    return F.conv2d(planes, weight, padding=(0, radius), groups=planes.shape[1])
+
+
+#: Per (shape, dtype, device, taps): whether the depthwise convolution ran faster after copying the
+#: channels-last planes to NCHW. On GPUs the channels-last call goes to cuDNN's grouped kernels, which are
+#: very slow for some shapes (pytorch/pytorch#34977); NCHW goes to PyTorch's own depthwise kernel, at the
+#: cost of a transposing copy. Which wins depends on the GPU and library versions, so it is timed once.
+_FASTER_TRANSPOSED: dict[tuple, bool] = {}
+
+
+def _transposed_is_faster(planes: Tensor, weight: Tensor, radius: int, repeats: int = 3) -> bool:
+    """Time both layouts once per key (a few calls each, after a warm-up), remember the winner."""
+    key = (tuple(planes.shape), planes.dtype, planes.device, tuple(weight.shape))
+    if key not in _FASTER_TRANSPOSED:
+        sync = torch.cuda.synchronize if planes.device.type == "cuda" else (lambda: None)
+
+        def seconds(prepare) -> float:
+            _depthwise(prepare(planes), weight, radius)
+            sync()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                _depthwise(prepare(planes), weight, radius)
+            sync()
+            return time.perf_counter() - start
+
+        _FASTER_TRANSPOSED[key] = seconds(Tensor.contiguous) < seconds(lambda t: t)
+    return _FASTER_TRANSPOSED[key]
 
 
 @contextlib.contextmanager

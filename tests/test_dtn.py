@@ -343,3 +343,19 @@ def test_never_materialises_a_batch_head_token_token_tensor(kernel) -> None:
     with _LargestTensor() as probe:
         norm(x, mask).sum().backward()
     assert probe.largest < B * H * T * T // 8, probe.largest
+
+
+def test_the_timed_layout_choice_is_cached_and_both_layouts_agree() -> None:
+    """GPUs convolve in whichever layout was faster at a shape's first call (see ``_transposed_is_faster``);
+    the choice must not change a single number. Checked here with CPU tensors, the same code path."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 2, 4, generator=g, dtype=torch.float64)
+    planes = x.view(3, 50, 8).transpose(1, 2).unsqueeze(2)  # the channels-last planes _Conv builds
+    weight = torch.randn(8, 1, 1, 7, generator=g, dtype=torch.float64)
+    dtn._FASTER_TRANSPOSED.clear()
+    choice = dtn._transposed_is_faster(planes, weight, 3)
+    assert list(dtn._FASTER_TRANSPOSED.values()) == [choice]
+    assert dtn._transposed_is_faster(planes, weight, 3) is choice and len(dtn._FASTER_TRANSPOSED) == 1
+    torch.testing.assert_close(dtn._depthwise(planes.contiguous(), weight, 3), dtn._depthwise(planes, weight, 3),
+                               rtol=0, atol=1e-12)
+    dtn._FASTER_TRANSPOSED.clear()
