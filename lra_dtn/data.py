@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,9 +49,22 @@ class Batch:
         return self.labels.shape[0]
 
 
-def file_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of each source file: part of the cache key, so edited data is re-read."""
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(paths)]
+#: Up to this many source files the cache key lists each; beyond, their count and a digest of the list.
+FINGERPRINT_LIST = 100
+
+
+def file_fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]] | dict[str, Any]:
+    """(path, size, mtime) of each source file: part of the cache key, so edited data is re-read. For
+    many files (IMDB's 50,000 reviews, Pathfinder's 200,000 PNGs) the same triples go into a digest,
+    so the key and the cache's ``params.json`` stay small; an edit to any one file still changes it."""
+    entries = []
+    for path in sorted(paths):
+        stat = os.stat(path)
+        entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+    if len(entries) <= FINGERPRINT_LIST:
+        return entries
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"files": len(entries), "first": entries[0][0], "last": entries[-1][0], "sha256": digest}
 
 
 def cache_key(params: dict[str, Any]) -> str:
@@ -66,23 +81,30 @@ def _features(columns: Iterable[str]):
 
 
 def _compact(examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Token lists as int16 arrays (2 bytes a token, not a Python int each) plus the length."""
+    """Token lists as int16 arrays (2 bytes a token, not a Python int each) plus the length: of the
+    longest document, for two-document tasks (what the memory probe and the eval order need)."""
     for ex in examples:
         ids = {k: np.asarray(v, dtype=np.int16) for k, v in ex.items() if k.startswith("input_ids")}
-        yield {**ex, **ids, "length": len(ids["input_ids"])}
+        yield {**ex, **ids, "length": max(len(v) for v in ids.values())}
 
 
-def _stream_to_arrow(examples: Iterable[dict[str, Any]], workdir: Path, what: str) -> Any:
+def _stream_to_arrow(examples: Iterable[dict[str, Any]], workdir: Path, what: str, sources: str) -> Any:
     """Write examples to Arrow as they come (never the whole split in memory).
 
     ``datasets`` wraps errors raised inside the generator; a :class:`DataError` (file and line of a
-    malformed row) is re-raised as itself so the user sees the message, not the wrapper."""
+    malformed row) is re-raised as itself so the user sees the message, not the wrapper, and any other
+    error becomes one naming the split and its source files."""
     import datasets
 
     examples = iter(_compact(examples))
-    first = next(examples, None)
+    try:
+        first = next(examples, None)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 (a reader bug or an unforeseen format problem: say where)
+        raise DataError(f"{what}: reading {sources} failed ({type(err).__name__}: {err})") from err
     if first is None:
-        raise DataError(f"{what}: the split is empty")
+        raise DataError(f"{what}: no examples in {sources}")
     columns = [c for c in first if c.startswith("input_ids")]
 
     def rows() -> Iterator[dict[str, Any]]:
@@ -94,9 +116,39 @@ def _stream_to_arrow(examples: Iterable[dict[str, Any]], workdir: Path, what: st
                                                fingerprint=hashlib.sha256(f"{workdir}{what}".encode()).hexdigest())
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__
-        while cause is not None and not isinstance(cause, DataError):
+        while cause is not None and not isinstance(cause, DataError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        raise (cause or err) from None
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise DataError(f"{what}: reading {sources} failed ({type(cause or err).__name__}: {cause or err})") from err
+
+
+def describe_sources(fingerprint: list | dict) -> str:
+    """The source files of a cache key, for messages: a few names, or the count and first/last."""
+    if isinstance(fingerprint, dict):
+        return f"{fingerprint['files']:,} files ({fingerprint['first']} ... {fingerprint['last']})"
+    names = [entry[0] for entry in fingerprint]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else "no files"
+
+
+def _remove_abandoned_builds(cache_root: Path, name: str) -> None:
+    """Building folders of killed processes on this host (their PID is gone): a kill mid-build leaves one
+    behind, as large as the cache. Folders of live processes, or of other hosts, are left alone."""
+    host = socket.gethostname()
+    for folder in Path(cache_root).glob(f".{name}-building-{host}-*"):
+        pid = folder.name.removeprefix(f".{name}-building-{host}-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def cached_splits(
@@ -117,8 +169,11 @@ def cached_splits(
     target = Path(cache_root) / f"{name}-{cache_key(params)}"
     if not target.exists():
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_root, prefix=f".{name}-building-") as tmp:
-            splits = {split: _stream_to_arrow(examples, Path(tmp) / "arrow", f"{name}/{split}")
+        _remove_abandoned_builds(cache_root, name)
+        sources = describe_sources(params.get("sources", []))
+        prefix = f".{name}-building-{socket.gethostname()}-{os.getpid()}-"
+        with tempfile.TemporaryDirectory(dir=cache_root, prefix=prefix) as tmp:
+            splits = {split: _stream_to_arrow(examples, Path(tmp) / "arrow", f"{name}/{split}", sources)
                       for split, examples in build().items()}
             datasets.DatasetDict(splits).save_to_disk(Path(tmp) / "data")
             (Path(tmp) / "data" / "params.json").write_text(json.dumps(params, indent=1, default=str))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError, cached_splits, file_fingerprint
@@ -118,6 +118,18 @@ def shrunk_presets(preset: Preset, model: ModelConfig, train: TrainConfig, data:
     if preset == Preset.cpu:
         return small_model(model, preset, cpu_data.max_length), cpu_train, cpu_data
     return small_model(model, preset, smoke_data.max_length), smoke_train(train), smoke_data
+
+
+def tsv_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, record)`` of a TSV file split into records as the official reader does:
+    ``tf.data``'s ``CsvDataset`` ends an unquoted field and its record at ``\\n`` or ``\\r`` (``\\r\\n``
+    counting once; tensorflow/core/kernels/data/experimental/csv_dataset_op.cc, ``ParseUnquotedField``).
+    Empty records are skipped; line numbers count ``\\n`` as an editor does. Bytes: each reader decodes."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            for record in line.rstrip(b"\n").split(b"\r"):
+                if record:
+                    yield lineno, record
 
 
 def require(path: Path, what: str) -> Path:

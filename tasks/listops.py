@@ -19,7 +19,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task, small_model, smoke_train
+from tasks.base import TASKS, DataOptions, Task, small_model, smoke_train, tsv_records
 
 # Generator constants (LRA data/listops.py). [FIRST and [LAST exist there but are commented out.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -230,21 +230,30 @@ def encode(source: str) -> list[int]:
 def read_tsv(path: Path, max_length: int) -> Iterator[dict[str, Any]]:
     """Examples of one official TSV, truncated to ``max_length`` tokens as the official pipeline.
 
-    A malformed line raises :class:`DataError` naming the file and the line number."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n")
-        if header.split("\t") != ["Source", "Target"]:
-            raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', found {header[:60]!r}")
-        for lineno, line in enumerate(f, start=2):
-            fields_ = line.rstrip("\r\n").split("\t")
-            if fields_ == [""]:
-                continue
-            if len(fields_) != 2 or not fields_[1].strip().isdigit() or not 0 <= int(fields_[1]) <= 9:
-                raise DataError(f"{path}:{lineno}: expected 'expression<TAB>label 0-9', found {line[:60]!r}")
-            ids = encode(fields_[0])
-            if not ids:
-                raise DataError(f"{path}:{lineno}: empty expression")
-            yield {"input_ids": ids[:max_length], "label": int(fields_[1])}
+    Records are split as the official reader splits them (:func:`tasks.base.tsv_records`). A malformed
+    record (not UTF-8, wrong fields, a label other than 0-9) raises :class:`DataError` naming the file
+    and the line number."""
+    header = True
+    for lineno, record in tsv_records(path):
+        try:
+            text = record.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({err}): {record[:60]!r}") from None
+        fields_ = text.split("\t")
+        if header:
+            if fields_ != ["Source", "Target"] or lineno != 1:
+                raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', found {text[:60]!r}")
+            header = False
+            continue
+        label = fields_[1].strip() if len(fields_) == 2 else ""
+        if len(label) != 1 or label not in "0123456789":
+            raise DataError(f"{path}:{lineno}: expected 'expression<TAB>label 0-9', found {text[:60]!r}")
+        ids = encode(fields_[0])
+        if not ids:
+            raise DataError(f"{path}:{lineno}: empty expression")
+        yield {"input_ids": ids[:max_length], "label": int(label)}
+    if header:
+        raise DataError(f"{path}: empty file; expected the header 'Source<TAB>Target' and one example per line")
 
 
 # ---------------------------------------------------------------------------------------------

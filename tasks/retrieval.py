@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets
+from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets, tsv_records
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
@@ -43,28 +43,25 @@ def pair_file(data_dir: Path, split: str) -> Path:
 
 
 def read_pairs(path: Path, max_length: int) -> Iterator[dict[str, Any]]:
-    """Tokenized document pairs of one release TSV. Lines are split on ``\\n`` and ``\\t`` only, as
-    bytes: no quote handling, and no other byte (``\\r`` included) ends a line or a field.
+    """Tokenized document pairs of one release TSV, as bytes: records end where the official reader ends
+    them (``\\n``, ``\\r``, ``\\r\\n``: :func:`tasks.base.tsv_records`), fields at ``\\t``, no quote handling.
 
-    A malformed line raises :class:`DataError` naming the file and the line number."""
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.rstrip(b"\n").split(b"\t")
-            if fields == [b""]:
-                continue
-            if len(fields) != 5:
-                raise DataError(f"{path}:{lineno}: expected 5 tab-separated fields (label, id1, id2, text1, text2), "
-                                f"found {len(fields)}: {line[:60]!r}")
-            try:
-                label = int(float(fields[0]))  # read as float32 and cast to int32 officially
-            except (ValueError, OverflowError):
-                label = None
-            if label not in (0, 1):
-                raise DataError(f"{path}:{lineno}: expected a label 0 or 1 in the first field, "
-                                f"found {fields[0][:20]!r}")
-            yield {"input_ids": encode_bytes(fields[3][:DOC_BYTES])[:max_length],
-                   "input_ids2": encode_bytes(fields[4][:DOC_BYTES])[:max_length],
-                   "label": label}
+    A malformed record raises :class:`DataError` naming the file and the line number."""
+    for lineno, line in tsv_records(path):
+        fields = line.split(b"\t")
+        if len(fields) != 5:
+            raise DataError(f"{path}:{lineno}: expected 5 tab-separated fields (label, id1, id2, text1, text2), "
+                            f"found {len(fields)}: {line[:60]!r}")
+        try:
+            label = int(float(fields[0]))  # read as float32 and cast to int32 officially
+        except (ValueError, OverflowError):
+            label = None
+        if label not in (0, 1):
+            raise DataError(f"{path}:{lineno}: expected a label 0 or 1 in the first field, "
+                            f"found {fields[0][:20]!r}")
+        yield {"input_ids": encode_bytes(fields[3][:DOC_BYTES])[:max_length],
+               "input_ids2": encode_bytes(fields[4][:DOC_BYTES])[:max_length],
+               "label": label}
 
 
 # ---------------------------------------------------------------------------------------------

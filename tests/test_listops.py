@@ -99,6 +99,26 @@ def test_reader_reports_file_and_line_of_a_malformed_row(tmp_path):
     no_header = write(tmp_path / "basic_test.tsv", f"{good}\t1\n")
     with pytest.raises(DataError, match=r"basic_test\.tsv:1: expected the header"):
         list(read_tsv(no_header, 2000))
+    superscript = write(tmp_path / "sup.tsv", f"Source\tTarget\n{good}\t1\n{good}\t\u00b2\n")  # '²'.isdigit()
+    with pytest.raises(DataError, match=r"sup\.tsv:3: expected"):
+        list(read_tsv(superscript, 2000))
+    binary = tmp_path / "bin.tsv"
+    binary.write_bytes(f"Source\tTarget\n{good}\t1\n".encode() + b"( [MAX 1 \xff 2 ] )\t2\n")
+    with pytest.raises(DataError, match=r"bin\.tsv:3: not UTF-8 text"):
+        list(read_tsv(binary, 2000))
+    with pytest.raises(DataError, match=r"empty\.tsv: empty file"):
+        list(read_tsv(write(tmp_path / "empty.tsv", ""), 2000))
+
+
+def test_records_end_at_cr_and_lf_as_the_official_csv_reader(tmp_path):
+    """CRLF files read like LF ones; a lone \\r ends a record too (tf.data CsvDataset)."""
+    good = "( [MAX 1 2 ] )"
+    crlf = write(tmp_path / "crlf.tsv", f"Source\tTarget\r\n{good}\t2\r\n{good}\t2\r\n")
+    lf = write(tmp_path / "lf.tsv", f"Source\tTarget\n{good}\t2\n{good}\t2\n")
+    assert list(read_tsv(crlf, 10)) == list(read_tsv(lf, 10))
+    lone = tmp_path / "lone.tsv"
+    lone.write_bytes(f"Source\tTarget\n{good}\t2\r{good}\t2\n".encode())
+    assert len(list(read_tsv(lone, 10))) == 2
 
 
 def test_reader_truncates_and_labels(tmp_path):

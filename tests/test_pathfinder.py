@@ -179,6 +179,18 @@ def test_folder_names_keep_generated_sets_apart():
         PathfinderData(image_size=48).folder
 
 
+def test_an_edited_png_rebuilds_the_cache(tmp_path):
+    """The images are part of the cache key, not only the metadata that lists them."""
+    write_release(tmp_path / "data", constant_images(20), [k % 2 for k in range(20)])
+    task, options = TASKS.get("pathfinder")(), PathfinderData()
+    before = task.load(tmp_path / "data", options, tmp_path / "cache")
+    assert sorted(int(r[0]) for s in before.values() for r in s["input_ids"]) == list(range(20))
+    path = tmp_path / "data" / "pathfinder32" / DIFFICULTY / "imgs" / "0" / "sample_0.png"
+    Image.fromarray(np.full((32, 32), 99, dtype=np.uint8)).save(path)  # image 0 now holds 99s
+    after = task.load(tmp_path / "data", options, tmp_path / "cache")
+    assert sorted(int(r[0]) for s in after.values() for r in s["input_ids"]) == [*range(1, 20), 99]
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """80 images generated on demand through the task (the cpu/smoke path on a fresh machine)."""

@@ -17,10 +17,10 @@ from tasks import TASKS
 from tasks.retrieval import RetrievalData
 
 SIZES = {"train": 20, "eval": 6, "test": 5}
-# A quote is an ordinary byte (no quote handling) and so is \r inside a field; the label is a float.
-KNOWN = b'1.0\taan/1\taan/2\ta"b\td\re\n'
-KNOWN_IDS = ([ord("a") + 1, ord('"') + 1, ord("b") + 1], [ord("d") + 1, ord("\r") + 1, ord("e") + 1])
-LONG = bytes(b for b in range(256) if b not in b"\t\n") * 45  # 11,430 bytes: cut at 10,000, then max_length
+# A quote is an ordinary byte (no quote handling); the label is a float; a CRLF line end is one break.
+KNOWN = b'1.0\taan/1\taan/2\ta"b\td e\r\n'
+KNOWN_IDS = ([ord("a") + 1, ord('"') + 1, ord("b") + 1], [ord("d") + 1, ord(" ") + 1, ord("e") + 1])
+LONG = bytes(b for b in range(256) if b not in b"\t\n\r") * 45  # 11,220 bytes: cut at 10,000, then max_length
 
 
 def line(label: str, text1: bytes, text2: bytes) -> bytes:
@@ -73,6 +73,8 @@ def test_limits_read_the_first_lines(aan: Path, tmp_path: Path) -> None:
     (b"1\tid1\tid2\ttext\twith\ttabs\n", r"expected 5 .*, found 6"),
     (b"yes\tid1\tid2\ta\tb\n", "expected a label 0 or 1"),
     (b"2\tid1\tid2\ta\tb\n", "expected a label 0 or 1"),
+    # \r ends a record for the official CsvDataset: a lone one cuts the line into two malformed records.
+    (b"1\tid1\tid2\ta\rb\tc\n", "expected 5 .*, found 4"),
 ])
 def test_malformed_line_names_file_and_line_and_caches_nothing(aan: Path, tmp_path: Path, bad: bytes,
                                                                message: str) -> None:
