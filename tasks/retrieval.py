@@ -90,6 +90,7 @@ SMOKE_DATA = RetrievalData(max_length=64, max_train=32, max_val=16, max_test=16)
 class Retrieval(Task):
     name = "retrieval"
     dual = True
+    tokenizer_version = 2  # 2: \r ends a record (as CsvDataset), no longer a token; length = the longer document
 
     def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, RetrievalData]:
         return shrunk_presets(preset, OFFICIAL_MODEL, OFFICIAL_TRAIN, RetrievalData(), CPU_TRAIN, CPU_DATA, SMOKE_DATA)
