@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The closed choices of the string fields below, written once (checked when a config is built).
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "first")
 POS_EMBS = ("sinusoidal", "learned")
 DUAL_HEADS = ("concat", "nli")
 SCHEDULES = ("rsqrt", "cosine")
@@ -59,7 +59,7 @@ class ModelConfig:
     num_heads: int
     dropout: float = 0.1
     attn_dropout: float = 0.1
-    pooling: str = "cls"  # "cls" (prepended learned token) | "mean" (over real tokens)
+    pooling: str = "cls"  # "cls" (prepended learned token) | "mean" (over real tokens) | "first" (token 0, no CLS)
     pos_emb: str = "sinusoidal"  # "sinusoidal" | "learned"
     dual_head: str = "concat"  # Retrieval only: "concat" = [u, v] (official), "nli" = [u, v, u*v, u-v]
     # BigBird (LRA models/bigbird/bigbird_attention.py: _DEFAULT_BLOCK_SIZE, num_rand_blocks defaults).
@@ -69,6 +69,11 @@ class ModelConfig:
     n_hashes: int = 1
     n_buckets: int = 10
     reformer_faithful: bool = False  # True: official sqrt(d)-multiplied logits, mask ignored, rotations fixed in training
+
+    @property
+    def encoder_length(self) -> int:
+        """Tokens the encoder sees at most: ``max_len``, plus the CLS token that ``cls`` pooling prepends."""
+        return self.max_len + (self.pooling == "cls")
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("vocab_size", "num_classes", "max_len", "num_layers", "emb_dim", "qkv_dim",

@@ -233,12 +233,15 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         torch.manual_seed(spec.seed * 1000 + ctx.rank)  # dropout stream, distinct per rank
     num_params = sum(p.numel() for p in model.parameters())
     per_rank, accum = cfg.batch_size // ctx.world_size, cfg.grad_accum
-    if accum == 0:
+    if accum == 0 and state.get("grad_accum"):  # resumed: keep the count the run started with (same dropout draws)
+        accum = state["grad_accum"]
+    elif accum == 0:
         accum, used, budget = auto_grad_accum(model, optimizer, splits["train"], per_rank, cfg.precision, mask_zero,
                                               ctx.device, memory_budget_gb)
         if ctx.is_main:
             print(f"[{spec.run_id}] --grad-accum auto: {accum} micro-batch(es) of {per_rank // accum} per process "
                   f"(probed peak {used / GIB:.2f} GiB, budget {budget / GIB:.2f} GiB)", flush=True)
+    state["grad_accum"] = accum
     ddp = DistributedDataParallel(model) if ctx.group else model
 
     writer = None

@@ -77,7 +77,7 @@ class BigBirdAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.block_size = cfg.block_size
         # The same length rule as the Embedding: a CLS token adds one position.
-        canonical_len = cfg.max_len + (cfg.pooling == "cls")
+        canonical_len = cfg.encoder_length
         self.num_blocks = math.ceil(canonical_len / cfg.block_size)
         self.dense = self.num_blocks <= 2 + WINDOW + cfg.num_random_blocks
         # Dense layers have no sparse pattern (and too few blocks to draw random ones from).

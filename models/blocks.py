@@ -25,13 +25,14 @@ MODELS: Registry[type[nn.Module]] = Registry("model")
 
 
 def sinusoidal_table(length: int, dim: int) -> Tensor:
-    """The official ``sinusoidal_init``: sin on even channels, cos on odd ones."""
-    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
+    """The official ``sinusoidal_init``: sin on even channels, cos on odd ones, computed in float64
+    (numpy, officially) and stored as float32."""
+    position = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
     table[:, 0::2] = torch.sin(position * div)
     table[:, 1::2] = torch.cos(position * div)[:, : dim // 2]
-    return table
+    return table.float()
 
 
 class Embedding(nn.Module):
@@ -42,7 +43,7 @@ class Embedding(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         nn.init.normal_(self.tokens.weight, std=1.0)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.emb_dim)) if cfg.pooling == "cls" else None
-        positions = cfg.max_len + (self.cls is not None)
+        positions = cfg.encoder_length
         if cfg.pos_emb == "learned":
             self.positions = nn.Parameter(torch.randn(positions, cfg.emb_dim) * 0.02)
         else:  # "sinusoidal" (ModelConfig checks the choice)
@@ -131,20 +132,35 @@ class Encoder(nn.Module):
 
 
 def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
-    """``cls``: position 0; ``mean``: over real tokens only (the official MEAN also counts padding)."""
-    if mode == "cls":
+    """``cls``: the prepended CLS token; ``first``: position 0 of the sequence itself (what the official
+    dual encoder's "CLS" reads, having no CLS token); ``mean``: over real tokens only (the official MEAN
+    also counts padding)."""
+    if mode in ("cls", "first"):
         return x[:, 0]
     if mode == "mean":
         weights = mask.to(x.dtype).unsqueeze(-1)
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling {mode!r}; choose cls or mean")
+    raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
+
+
+#: JAX's truncated normal is cut at 2 standard deviations and rescaled so its std is the one asked for.
+TRUNCATED_STD = 0.87962566103423978
+
+
+def lecun_normal_(linear: nn.Linear) -> nn.Linear:
+    """Flax ``Dense``'s default init: kernel ``lecun_normal`` (truncated normal, std ``1/sqrt(fan_in)``),
+    bias zero."""
+    std = 1.0 / math.sqrt(linear.in_features) / TRUNCATED_STD
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 def mlp_head(widths: list[int]) -> nn.Sequential:
-    """Dense -> ReLU -> ... -> Dense over the given widths (official ``classifier_head``)."""
+    """Dense -> ReLU -> ... -> Dense over the given widths (official ``classifier_head``, Flax's init)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+        layers += [lecun_normal_(nn.Linear(a, b))] + ([nn.ReLU()] if i < len(widths) - 2 else [])
     return nn.Sequential(*layers)
 
 

@@ -29,6 +29,7 @@ LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}  # our split -> the release's suffix
 DOC_BYTES = 10_000  # the official cut before encoding
 HEADS = {"concat": "[u, v] (official)", "nli": "[u, v, u*v, u-v] (NLI, common reimplementation)"}
+POOLING = {"first": "first-byte (official 'CLS')", "cls": "CLS-token"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ def read_pairs(path: Path, max_length: int) -> Iterator[dict[str, Any]]:
 # §7.4). Warmup 8000 > 5000 steps is official: the lr is still rising when training stops (§11, quirk 4).
 # dual_head "concat" is the official [u, v] head; "nli" ([u, v, u*v, u-v]) is the common
 # reimplementation (spec §9). Pooling: the official dual encoder adds no CLS token, so its "CLS" pooling
-# reads position 0, the first *byte* of each document (§11, quirk 5); ours is the prepended CLS token.
+# reads position 0, the first *byte* of each document (§11, quirk 5): pooling "first" does exactly that.
+# The common reimplementation is --set model.dual_head=nli --set model.pooling=mean.
 OFFICIAL_MODEL = ModelConfig(vocab_size=BYTE_VOCAB_SIZE, num_classes=2, max_len=4000, num_layers=4, emb_dim=128,
                              qkv_dim=128, mlp_dim=512, num_heads=4, dropout=0.1, attn_dropout=0.1,
-                             pooling="cls", pos_emb="sinusoidal", dual_head="concat")
+                             pooling="first", pos_emb="sinusoidal", dual_head="concat")
 OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt", warmup=8000,
                              weight_decay=0.1, eval_every=100, checkpoint_every=500)
 
@@ -109,5 +111,5 @@ class Retrieval(Task):
         """The data line; with the run's ``model`` config it also names the head and pooling that ran."""
         text = f"AAN bytes, {options.max_length} per document, no eval example dropped{options.describe_limits()}"
         if model is not None:
-            text += f"; head {HEADS[model.dual_head]}, {model.pooling} pooling"
+            text += f"; head {HEADS[model.dual_head]}, {POOLING.get(model.pooling, model.pooling)} pooling"
         return text

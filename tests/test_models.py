@@ -2,6 +2,8 @@
 tokens, the Retrieval dual encoder's heads, and every task's configs build and run every encoder."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,15 @@ def test_every_task_config_runs_every_encoder(task_name, model_name):
     logits = model(*inputs)
     assert logits.shape == (2, cfg.num_classes)
     logits.sum().backward()
+
+
+def test_head_layers_take_flax_dense_init():
+    """lecun_normal kernels (truncated normal, std 1/sqrt(fan_in)) and zero biases, as Flax ``Dense``."""
+    torch.manual_seed(0)
+    cfg = small_config(emb_dim=256, mlp_dim=512)
+    head = build_model("transformer", cfg, "ln").head
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    for layer in linears:
+        bound = 2 / math.sqrt(layer.in_features) / 0.87962566103423978
+        assert layer.weight.abs().max() <= bound and torch.count_nonzero(layer.bias) == 0
+    assert linears[0].weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.02)  # 131k draws

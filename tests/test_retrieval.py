@@ -113,9 +113,13 @@ def test_both_heads(head: str, width: int, aan: Path, tmp_path: Path) -> None:
     u, v = net.encoder(batch.ids, batch.mask), net.encoder(batch.ids2, batch.mask2)
     features = [u, v] if head == "concat" else [u, v, u * v, u - v]
     torch.testing.assert_close(net(*batch.inputs()), net.head(torch.cat(features, dim=-1)))
-    expected = {"concat": "head [u, v] (official), cls pooling",
-                "nli": "head [u, v, u*v, u-v] (NLI, common reimplementation), cls pooling"}[head]
+    expected = {"concat": "head [u, v] (official), first-byte (official 'CLS') pooling",
+                "nli": "head [u, v, u*v, u-v] (NLI, common reimplementation), first-byte (official 'CLS') pooling"}[head]
     assert task.describe(options, model=cfg).endswith(expected)
+    assert u.shape == (train_cfg.batch_size, cfg.emb_dim) and net.encoder.embed.cls is None  # no CLS token added
+    first = net.encoder.final_norm(net.encoder.blocks[0](net.encoder.embed(batch.ids, batch.mask)[0], batch.mask),
+                                   batch.mask)[:, 0]
+    torch.testing.assert_close(u, first)  # official "CLS": the final norm's output at the first byte
 
 
 @pytest.mark.parametrize("model", MODELS.names())
