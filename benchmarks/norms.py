@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.encoders import RETRIEVAL_SIZE
-from lra_dtn.config import ModelConfig
+from lra_dtn.config import PRECISIONS, ModelConfig
 from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm, _make_plan
 from lra_dtn.norms import build_norm
 from models import MODELS, build_model
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["transformer", "bigbird"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="of the training steps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the training steps")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--channels", type=int, default=CHANNELS, help="C, also the encoders' width")
     parser.add_argument("--heads", type=int, default=HEADS)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from lra_dtn.config import Preset
+from lra_dtn.config import PRECISIONS, Preset
 from lra_dtn.data import DataError
 from lra_dtn.engine import RunExistsError
 from lra_dtn.norms import NORMS
@@ -50,7 +50,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                              "auto: the fewest that fit --memory-budget, probed on the longest examples")
     parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="GIB",
                         help="memory a step may take with --grad-accum auto (default: 90%% of the free memory)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="bf16 autocast (GPUs); DTN statistics stay in float32 (default: fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: one GPU per process)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.NAME=VALUE",

@@ -1,9 +1,9 @@
 """Multi-process training through ``torchrun`` (PyTorch DDP): one process per device.
 
 Without ``torchrun`` (no ``TORCHELASTIC_RUN_ID`` and no ``WORLD_SIZE`` > 1 in the environment)
-everything here is a no-op, so the same code path serves a laptop, one GPU, and many nodes. Under ``torchrun`` the process group is joined
-even with one process, so ``--nproc_per_node 1`` runs the real DDP/NCCL path on a single GPU.
-NCCL on CUDA, gloo on CPU.
+everything here is a no-op, so the same code path serves a laptop, one GPU, and many nodes. Under
+``torchrun`` the process group is joined even with one process, so ``--nproc_per_node 1`` runs the
+real DDP/NCCL path on a single GPU. NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lra_dtn import distributed, results
-from lra_dtn.memory import GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory, step_peak_bytes
+from lra_dtn.memory import (GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory,
+                            step_peak_bytes)
 from lra_dtn.config import RunSpec
 from lra_dtn.data import Batch, collate, eval_order, train_indices
 from lra_dtn.optim import build_optimizer, learning_rate
@@ -255,12 +256,14 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=spec.run_id, dynamic_ncols=True, mininterval=1.0)
 
-    def peak_mb() -> float:
-        """The peak over every process that worked on this run (a resumed one starts from zero)."""
-        return max(peak_memory_mb(ctx.device)[0], state.get("peak_mem_mb", 0.0))
+    def peak() -> tuple[float, str]:
+        """MiB and kind of the peak over every process that worked on this run (a resumed one starts
+        from zero)."""
+        mb, kind = peak_memory_mb(ctx.device)
+        return max(mb, state.get("peak_mem_mb", 0.0)), kind
 
     def checkpoint() -> None:
-        state["peak_mem_mb"] = peak_mb()
+        state["peak_mem_mb"] = peak()[0]
         mine = rng_state(ctx.device)
         rngs = [mine] * ctx.world_size
         if ctx.group:
@@ -321,7 +324,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         bar.close()
 
     test = evaluate(model, splits["test"], micro * accum, ctx, cfg.precision, mask_zero)
-    memory, memory_kind = peak_mb(), peak_memory_mb(ctx.device)[1]
+    memory, memory_kind = peak()
     last_val = state["history"][-1] if state["history"] else {}
     result = {
         "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,

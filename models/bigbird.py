@@ -76,8 +76,7 @@ class BigBirdAttention(nn.Module):
         self.proj = QKVProjection(cfg)
         self.attn_dropout = cfg.attn_dropout
         self.block_size = cfg.block_size
-        # The same length rule as the Embedding: a CLS token adds one position.
-        canonical_len = cfg.encoder_length
+        canonical_len = cfg.encoder_length  # the Embedding's: max_len, plus one for a CLS token
         self.num_blocks = math.ceil(canonical_len / cfg.block_size)
         self.dense = self.num_blocks <= 2 + WINDOW + cfg.num_random_blocks
         # Dense layers have no sparse pattern (and too few blocks to draw random ones from).

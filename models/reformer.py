@@ -6,10 +6,10 @@ shared QK (keys are the queries), ``n_hashes = 1`` and ``n_buckets = 10`` over t
 
 Padding: like the official code, every sequence is padded to the canonical length (``max_len``, plus
 the CLS token, rounded up to an even number of buckets) inside the attention, and (corrected mode)
-padded positions enter as zero vectors. LSH is not mask-exact the way dense attention is: the bucket count sets the
-random rotations' shape, and padded tokens take chunk slots. At a fixed length with fixed padding
-content an example's output depends on its own tokens only, not on the batch it was padded with
-(so evaluation does not depend on the eval batch size).
+padded positions enter as zero vectors. LSH is not mask-exact the way dense attention is: the bucket
+count sets the random rotations' shape, and padded tokens take chunk slots. At a fixed length with
+fixed padding content an example's output depends on its own tokens only, not on the batch it was
+padded with (so evaluation does not depend on the eval batch size).
 
 Hashing draws fresh random rotations at every training step (the package's behaviour, which the
 Reformer paper relies on). In evaluation the rotations come from a generator seeded by

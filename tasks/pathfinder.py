@@ -73,6 +73,10 @@ class PathfinderData(DataOptions):
     split_seed: int = 0
     distractors: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.distractors is not None and self.distractors < 0:
+            raise ValueError(f"PathfinderData.distractors must be >= 0 or none, got {self.distractors}")
+
     @property
     def params(self) -> pg.PathfinderParams:
         preset = pg.PRESETS.get(f"pathfinder{self.image_size}")

@@ -171,6 +171,8 @@ def test_folder_names_keep_generated_sets_apart():
     # An easier variant with its own distractor count is never the release's folder.
     easy = PathfinderData(contour_length=6, distractors=0)
     assert easy.folder == f"pathfinder32-gen-n{OFFICIAL_NUM_IMAGES}-seed0-distractors0/curv_baseline"
+    with pytest.raises(ValueError, match="distractors must be >= 0"):
+        PathfinderData(distractors=-1)
     assert not easy.official and easy.params.num_distractor_snakes == 0
     assert PathfinderData(contour_length=6).params.num_distractor_snakes == 10  # LRA's: 20 // (6 // 3)
     # The split seed and the mask option change the cache key but not the images.
