@@ -6,7 +6,7 @@
 
 Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
 gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
-``lra_dtn.dtn.TRUNCATION``) is 257 offsets, std ~17 tokens.
+``lra_dtn.dtn.kernel.TRUNCATION``) is 257 offsets, std ~17 tokens.
 
 Encoders are the size of ``benchmarks.encoders`` (emb = qkv = 128, mlp 512, 4 heads, 4 layers, CLS,
 dropout 0.1, attention dropout 0 so the Transformer runs PyTorch's fused attention), with ``T`` tokens
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from benchmarks.encoders import RETRIEVAL_SIZE
 from lra_dtn.config import PRECISIONS, ModelConfig
-from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm, _make_plan
+from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm
+from lra_dtn.dtn.cpu import make_plan
 from lra_dtn.norms import build_norm
 from models import MODELS, build_model
 
@@ -60,9 +61,9 @@ def widen(module: torch.nn.Module, length: int, half_width: int = WIDE_HALF_WIDT
 
 def describe_kernels(length: int) -> str:
     norm = DynamicTokenNorm(CHANNELS, HEADS)
-    init = _make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
+    init = make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
     widen(norm, length)
-    wide = _make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
+    wide = make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
     return f"init: {init.width} offsets, {init.method}; wide: {wide.width} offsets, {wide.method}"
 
 

@@ -1,4 +1,4 @@
 """LRA suite comparing Dynamic Token Normalization with LayerNorm.
 
-Importing the package registers every normalizer (``dtn`` lives in its own module beside ``norms``)."""
+Importing the package registers every normalizer (``dtn`` lives in its own package beside ``norms``)."""
 from lra_dtn import norms, dtn  # noqa: F401

@@ -8,41 +8,11 @@ import torch
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lra_dtn.dtn as dtn
-from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm, local_offsets
+from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm, cpu, local_offsets
+from lra_dtn.dtn.reference import dense_reference, reference
 from lra_dtn.norms import NORMS, InstanceNorm, Norm, build_norm
 
 METHODS = ("conv", "fft", "auto")
-
-
-def reference(params: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None, heads: int, eps: float):
-    """The spec's dense reference, written from it alone: a ``(B, H, T, T)`` softmax, differentiable in
-    ``x`` and in the parameters (named as the module's; ``gate_mean`` absent for ``dtn_var``)."""
-    B, T, C = x.shape
-    xh = x.view(B, T, heads, C // heads)
-    xh = xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)  # 1. per-head RMS pre-scaling
-    xs = xh.reshape(B, T, C)
-    mu_ln, var_ln = xs.mean(-1), xs.var(-1)  # 2. unbiased, as torch.var
-    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(x)  # j - i
-    w, b = params["pos_proj.weight"], params["pos_proj.bias"]
-    logits = (w[:, 0, None, None] * d + w[:, 1, None, None] * d * d + b[:, None, None]).expand(B, heads, T, T)
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
-    P = torch.softmax(logits, dim=-1)  # 3.
-    per_head = xh.permute(0, 2, 1, 3)
-    mu_in = (P @ per_head).permute(0, 2, 1, 3)
-    var_in = (P @ per_head.square()).permute(0, 2, 1, 3) - mu_in.square()
-    lam_m = torch.sigmoid(params["gate_mean"]) if "gate_mean" in params else torch.ones_like(params["gate_var"])
-    lam_v = torch.sigmoid(params["gate_var"])
-    mu = lam_m[:, None] * mu_ln[..., None, None] + (1 - lam_m)[:, None] * mu_in  # 4.
-    var = lam_v[:, None] * var_ln[..., None, None] + (1 - lam_v)[:, None] * var_in
-    y = ((xh - mu) / torch.sqrt(var + eps)).reshape(B, T, C)  # 5.
-    return y * params["weight"] + params["bias"]
-
-
-def dense_reference(norm: DynamicTokenNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    params = {name: p.detach().double() for name, p in norm.named_parameters()}
-    return reference(params, x.double(), mask, norm.num_heads, norm.eps)
 
 
 def randomised(norm: DynamicTokenNorm, w1: float, w2: float, seed: int = 0) -> DynamicTokenNorm:
@@ -92,7 +62,7 @@ KERNELS = {  # (w1, w2) of logit = w1 * d + w2 * d^2
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of one or two sequences, so the chunked passes are exercised at test sizes."""
-    monkeypatch.setattr(dtn, "CHUNK_TOKENS", 48)
+    monkeypatch.setattr(cpu, "CHUNK_TOKENS", 48)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,13 +82,13 @@ def test_every_path_matches_the_dense_reference(method: str, kernel: str, small_
 
 def test_auto_convolves_at_init_and_uses_fft_for_the_widest_kernels() -> None:
     norm = DynamicTokenNorm(32, 4)
-    plan = dtn._make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
+    plan = cpu.make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
     assert plan.method == "conv" and plan.width == 15  # offsets -7 ... 7: heads at -1.5 ... 1.5
     randomised(norm, 0.0, 0.0)  # flat: every offset of the sequence counts
-    plan = dtn._make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
+    plan = cpu.make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32)
     assert plan.method == "fft" and plan.width == 2047
     randomised(norm, 3000.0, -5.0)  # far peak: FFT rounding could swamp some tokens' weights
-    assert dtn._make_plan(norm.pos_proj.weight, 1024, "fft", torch.float32).method == "conv"
+    assert cpu.make_plan(norm.pos_proj.weight, 1024, "fft", torch.float32).method == "conv"
 
 
 def test_long_sequences_match_the_reference() -> None:
@@ -163,7 +133,7 @@ def float64_case(method: str, w1: float, w2: float, mask_kind: str, only_var: bo
     ],
 )
 def test_gradcheck_float64(method: str, w1: float, w2: float, mask_kind: str, only_var: bool, monkeypatch) -> None:
-    monkeypatch.setattr(dtn, "CHUNK_TOKENS", 8)  # one sequence per chunk
+    monkeypatch.setattr(cpu, "CHUNK_TOKENS", 8)  # one sequence per chunk
     norm, params, x, mask = float64_case(method, w1, w2, mask_kind, only_var)
     names = [k for k in params if k != "pos_proj.bias"]  # the bias cancels: its gradient is ~0
 
@@ -352,10 +322,10 @@ def test_the_timed_layout_choice_is_cached_and_both_layouts_agree() -> None:
     x = torch.randn(3, 50, 2, 4, generator=g, dtype=torch.float64)
     planes = x.view(3, 50, 8).transpose(1, 2).unsqueeze(2)  # the channels-last planes _Conv builds
     weight = torch.randn(8, 1, 1, 7, generator=g, dtype=torch.float64)
-    dtn._FASTER_TRANSPOSED.clear()
-    choice = dtn._transposed_is_faster(planes, weight, 3)
-    assert list(dtn._FASTER_TRANSPOSED.values()) == [choice]
-    assert dtn._transposed_is_faster(planes, weight, 3) is choice and len(dtn._FASTER_TRANSPOSED) == 1
-    torch.testing.assert_close(dtn._depthwise(planes.contiguous(), weight, 3), dtn._depthwise(planes, weight, 3),
+    cpu._FASTER_TRANSPOSED.clear()
+    choice = cpu._transposed_is_faster(planes, weight, 3)
+    assert list(cpu._FASTER_TRANSPOSED.values()) == [choice]
+    assert cpu._transposed_is_faster(planes, weight, 3) is choice and len(cpu._FASTER_TRANSPOSED) == 1
+    torch.testing.assert_close(cpu._depthwise(planes.contiguous(), weight, 3), cpu._depthwise(planes, weight, 3),
                                rtol=0, atol=1e-12)
-    dtn._FASTER_TRANSPOSED.clear()
+    cpu._FASTER_TRANSPOSED.clear()

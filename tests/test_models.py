@@ -16,7 +16,7 @@ from tasks import TASKS
 
 ENCODERS = ["transformer", "bigbird", "reformer"]
 # DTN's positional-prior projection keeps the authors' bias, which cancels in the softmax over source
-# tokens, so its gradient is exactly zero (shared/specs/dtn.md step 3; lra_dtn/dtn.py).
+# tokens, so its gradient is exactly zero (shared/specs/dtn.md step 3; lra_dtn/dtn/module.py).
 ZERO_GRADIENT = ("pos_proj.bias",)
 
 

@@ -1,36 +1,31 @@
-"""Dynamic Token Normalization (Shao et al., ICLR 2022) for padded 1-D token sequences.
+"""DTN's eager path (CPU, and any device PyTorch runs): depthwise or FFT convolutions, one autograd Function.
 
-The method, restated for sequences in ``specs/dtn.md`` and followed step by step here:
+The kernel depends on ``d = j - i`` only, so step 3 of the spec is three convolutions with
+``exp(logit - peak)`` over the kernel's effective support (:mod:`lra_dtn.dtn.kernel`): of ``mask * xs``,
+of ``mask * xs^2`` and of ``mask``, the last one being each token's softmax normaliser, so padding never
+enters it. No ``(B, H, T, T)`` tensor exists. The convolution runs one of two ways, picked per call:
 
-1. per-head RMS pre-scaling ``x <- x / sqrt(mean_head(x^2) + eps)`` (the authors' code, "for stability");
-2. intra-token (LayerNorm) statistics over all ``C`` channels, with the *unbiased* variance;
-3. inter-token statistics with a positional prior: per head ``h`` a softmax over the real source tokens
-   ``i`` of ``w_h1 * (j - i) + w_h2 * (j - i)^2`` gives ``mu_in`` and ``var_in`` of output token ``j``;
-4. mixing by two sigmoid gates per head, ``gate_mean`` and ``gate_var``;
-5. standardise, then the affine ``weight``/``bias``.
-
-Step 3 is what must be fast at Long-Range-Arena lengths. The kernel depends on ``d = j - i`` only, so
-it is computed once per call, without the batch, as ``2T - 1`` float64 logits; the statistics are then
-convolutions of ``mask * x``, ``mask * x^2`` and ``mask`` with ``exp(logit - peak)``, the last one being
-each token's softmax normaliser, so padding never enters it. No ``(B, H, T, T)`` tensor exists. The
-convolution runs one of two ways, picked per call from the kernel's *effective width* (the offsets whose
-weight is not negligible, see :data:`TRUNCATION`):
-
-* ``conv``: a depthwise convolution over that support (oneDNN / cuDNN). At the local init the support
+* ``conv``: a depthwise convolution over the support (oneDNN / cuDNN). At the local init the support
   is 15 offsets;
 * ``fft``: FFT convolution in float64, for kernels so wide that its ``O(T log T)`` wins.
 
 Both agree with the dense float64 softmax to float32 precision for every real token. The numerical trap
 is a kernel whose peak some token cannot reach (sharply peaked far away, or curving upward): with one
 shift per head, all of that token's weights underflow. A real token is always its own source
-(``d = 0``), so this cannot happen while a head's peak is within :data:`DYNAMIC_RANGE` nats of its logit
+(``d = 0``), so this cannot happen while a head's peak is within ``DYNAMIC_RANGE`` nats of its logit
 at ``d = 0`` (the init, and any kernel centred near the token); otherwise the tokens concerned are found
-exactly (:func:`_row_max_logit`) and their rows recomputed with their own shift (:class:`_ExactRows`).
+exactly (:func:`~lra_dtn.dtn.kernel.row_max_logit`) and their rows recomputed with their own shift
+(:class:`_ExactRows`).
 
 The normalizer is one ``autograd.Function`` with a hand-written backward. Like LayerNorm it keeps only
 its input and per-token scalars; backward recomputes the convolution. Both passes run over chunks of
 the batch, in reused buffers: on CPU, cache misses and page faults on fresh tensors cost more than the
 arithmetic (see :class:`_Workspace`).
+
+Host synchronisation: planning reads the kernel's support and its far heads back to Python (``int``,
+``nonzero``, ``tolist``) once per call, and :class:`_ExactRows` lists its rows. On CPU there is no device
+to wait for, so this costs only the Python work; on a GPU it is one small stall per call, which is why
+``auto`` prefers the fused path there.
 """
 from __future__ import annotations
 
@@ -42,15 +37,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lra_dtn.norms import NORMS, Norm
+from lra_dtn.dtn.kernel import DYNAMIC_RANGE, Support, kernel_logits, plan_support, row_max_logit
 
-#: Dropped kernel mass, relative to the smallest softmax normaliser of any token the fast path serves.
-TRUNCATION = 1e-9
-#: Tokens whose own best logit is more than this below their head's peak are recomputed row by row:
-#: ``exp(-DYNAMIC_RANGE)`` times the truncation margin must stay a normal float32.
-DYNAMIC_RANGE = 50.0
 #: FFT rounding is relative to the largest output, and a real token's normaliser can be as small as its
 #: own weight ``exp(-rel)``: float64 FFT is used only when ``rel + log(sum of weights) <= 16``.
 FFT_RANGE = 16.0
@@ -65,136 +55,17 @@ CONV_CHUNK = 1 << 22
 CHUNK_TOKENS = 8192
 #: Normalisers below this belong to padded tokens no real token reaches (underflow or rounding noise).
 TINY = 1e-30
+#: What ``method`` may ask of this path: ``auto`` chooses per call between the two engines.
 METHODS = ("auto", "conv", "fft")
 
 
-def local_offsets(num_heads: int) -> Tensor:
-    """The integer-spaced offsets ``k_h`` of the local init, centred on zero.
-
-    The authors' ``center = (K - 1) / 2`` for even ``K`` and ``K // 2`` for odd ``K``; in 1-D ``K = H``,
-    so ``H = 4`` gives ``-1.5, -0.5, 0.5, 1.5`` and ``H = 3`` gives ``-1, 0, 1``."""
-    center = (num_heads - 1) / 2 if num_heads % 2 == 0 else num_heads // 2
-    return torch.arange(num_heads, dtype=torch.float64) - center
-
-
-def kernel_logits(pos_weight: Tensor, length: int, pos_bias: Tensor | None = None) -> Tensor:
-    """``(H, 2T - 1)`` logits of the offsets ``d = -(T-1) ... T-1`` (column ``d + T - 1``), in float64:
-    ``w2 * d^2`` reaches ``1e7`` at LRA lengths, where float32 rounding would move a weight by ``e``."""
-    d = torch.arange(1 - length, length, device=pos_weight.device, dtype=torch.float64)
-    bias = None if pos_bias is None else pos_bias.double()
-    return F.linear(torch.stack([d, d * d], dim=-1), pos_weight.double(), bias).T
-
-
-class DynamicTokenNorm(Norm):
-    """DTN over ``(B, T, C)`` tokens, ``C = num_heads * head_dim``; registered as ``dtn``.
-
-    Args:
-        dim: channels ``C`` (at least 2: the intra-token variance is unbiased).
-        num_heads: heads ``H``, the attention's head count. Head ``h`` owns channels
-            ``h * C/H ... (h + 1) * C/H - 1``.
-        only_var: the ``dtn_var`` variant (the code's ``only_var=True``): no ``gate_mean``, the mean is
-            LayerNorm's and only the variance is mixed.
-        locality_strength: scale of the local init (the authors use 1).
-        eps: under every square root (1e-5 as in the authors' code).
-        method: ``auto`` picks per call from the kernel's effective width; ``conv`` and ``fft`` force one
-            (``fft`` still convolves directly where FFT rounding could swamp some token's weights). All
-            give the same numbers to float32 precision.
-
-    Parameters: ``weight``, ``bias`` ``(C,)``; ``gate_mean``, ``gate_var`` ``(H,)`` (before the sigmoid,
-    init 0: both statistics mixed half and half); ``pos_proj``, an ``nn.Linear(2, H)`` on the features
-    ``(j - i, (j - i)^2)`` of output token ``j`` and source token ``i``. Its bias cancels in the softmax
-    (its gradient is exactly zero).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        only_var: bool = False,
-        locality_strength: float = 1.0,
-        eps: float = 1e-5,
-        method: str = "auto",
-    ) -> None:
-        super().__init__(dim, num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if dim < 2:
-            raise ValueError(f"DTN needs at least 2 channels for the unbiased variance, got dim {dim}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-        self.eps = eps
-        self.method = method
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        if only_var:
-            self.register_parameter("gate_mean", None)
-        else:
-            self.gate_mean = nn.Parameter(torch.zeros(num_heads))
-        self.gate_var = nn.Parameter(torch.zeros(num_heads))
-        self.pos_proj = nn.Linear(2, num_heads)
-        self.reset_positional_prior(locality_strength)
-
-    @torch.no_grad()
-    def reset_positional_prior(self, locality_strength: float = 1.0) -> None:
-        """The authors' init: truncated normal (std 0.02), then the local init.
-
-        Head ``h`` gets weight ``2 k_h`` on ``j - i`` and ``-1`` on ``(j - i)^2``, i.e. the logit
-        ``-(d - k_h)^2 + k_h^2``: a Gaussian window of variance 1/2 centred at offset ``k_h``."""
-        nn.init.trunc_normal_(self.pos_proj.weight, std=0.02)
-        nn.init.zeros_(self.pos_proj.bias)
-        offsets = local_offsets(self.num_heads).to(self.pos_proj.weight)
-        self.pos_proj.weight[:, 0] = 2 * offsets * locality_strength
-        self.pos_proj.weight[:, 1] = -locality_strength
-
-    def kernel_logits(self, length: int) -> Tensor:
-        """This module's ``(H, 2T - 1)`` float64 kernel logits (see :func:`kernel_logits`)."""
-        return kernel_logits(self.pos_proj.weight, length, self.pos_proj.bias)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected (B, T, {self.dim}) tokens, got {tuple(x.shape)}")
-        if mask is not None and mask.shape != x.shape[:2]:
-            raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
-        gate_mean = self.gate_var.new_full((self.num_heads,), math.inf) if self.gate_mean is None else self.gate_mean
-        return _DTNFunction.apply(
-            x, self.pos_proj.weight, self.pos_proj.bias, gate_mean, self.gate_var, self.weight, self.bias,
-            mask, self.num_heads, self.eps, self.method,
-        )
-
-    def extra_repr(self) -> str:
-        only_var = ", only_var=True" if self.gate_mean is None else ""
-        return f"{self.dim}, num_heads={self.num_heads}{only_var}, eps={self.eps}, method={self.method!r}"
-
-
-NORMS.register("dtn")(DynamicTokenNorm)
-
-
-@NORMS.register("dtn_var")
-class DynamicTokenVarNorm(DynamicTokenNorm):
-    """``dtn_var``: DTN with LayerNorm's mean; only the variance is mixed (the code's ``only_var``)."""
-
-    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
-        super().__init__(dim, num_heads, only_var=True, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------------
-# The kernel plan: support, shift and method, decided once per call from the logit table.
+# The plan: the kernel's support (lra_dtn.dtn.kernel) and the engine that convolves with it.
 
 
 @dataclass
-class _Plan:
-    table: Tensor  # (H, 2T - 1) float64 logits, no bias
-    kernel: Tensor  # (H, W) weights exp(logit - peak) of the offsets dmin ... dmax, compute dtype
-    dmin: int
-    dmax: int
-    peak: Tensor  # (H,) float64, the per-head shift
-    far: list[int]  # heads whose peak is more than DYNAMIC_RANGE above their logit at d = 0
+class Plan(Support):
     method: str  # "conv" | "fft"
-
-    @property
-    def width(self) -> int:
-        return self.dmax - self.dmin + 1
 
 
 def _fast_fft_length(n: int) -> int:
@@ -212,26 +83,19 @@ def _fast_fft_length(n: int) -> int:
     return best
 
 
-def _make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) -> _Plan:
-    table = kernel_logits(pos_weight.detach(), length)
-    peak = table.max(dim=1).values
-    rel = peak - table[:, length - 1]  # >= 0: how far below its peak a head puts the token itself
-    reach = rel.clamp(max=DYNAMIC_RANGE)
-    # Keep every offset within reach + log(2T / TRUNCATION) nats of the peak: the dropped mass is at most
-    # TRUNCATION * exp(-reach), and every token the fast path serves has a normaliser >= exp(-reach).
-    keep = table >= (peak - reach - math.log(2 * length / TRUNCATION))[:, None]
-    keep[:, length - 1] = True
-    offsets = torch.nonzero(keep.any(dim=0)).flatten()
-    dmin, dmax = int(offsets[0]) - (length - 1), int(offsets[-1]) - (length - 1)
-    kernel = torch.exp(table[:, dmin + length - 1 : dmax + length] - peak[:, None])
-    far = [h for h in range(table.shape[0]) if rel[h] > DYNAMIC_RANGE]
+def make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) -> Plan:
+    """The support of this call's kernel, its weights in ``dtype``, and the engine ``method`` asks for
+    (``auto``: FFT where it is cheaper; FFT only where its rounding cannot swamp a token's weights)."""
+    support = plan_support(kernel_logits(pos_weight.detach(), length))
+    kernel, dmin, dmax = support.kernel, support.dmin, support.dmax
     chosen = "conv"
-    if method != "conv" and not far and float((rel + kernel.sum(dim=1).log()).max()) <= FFT_RANGE:
+    if method != "conv" and not support.far and float((support.rel + kernel.sum(dim=1).log()).max()) <= FFT_RANGE:
         taps = 2 * max(dmax, -dmin) + 1
         n = _fast_fft_length(length + max(dmax, -dmin))
         if method == "fft" or FFT_COST * math.log2(n) * n / length < taps:
             chosen = "fft"
-    return _Plan(table, kernel.to(dtype), dmin, dmax, peak, far, chosen)
+    fields = {**vars(support), "kernel": kernel.to(dtype)}
+    return Plan(**fields, method=chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,11 +123,6 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
-def release_workspace() -> None:
-    """Free this thread's reusable DTN buffers (they are reallocated on the next call)."""
-    _WORKSPACE.buffers.clear()
-
-
 # --------------------------------------------------------------------------------------------------
 # Convolution engines. The values of one chunk are three tensors: m*xs and m*xs^2, (b, T, H, D), and the
 # mask per head, (b, T, H); their convolutions give the two numerators and the softmax normaliser. Kept
@@ -274,7 +133,7 @@ class _Conv:
     """Depthwise convolution (cross-correlation) over the support, on channels-last views of the
     ``(b, T, channels)`` tensors, so no transpose is ever copied; the per-channel weights are built once."""
 
-    def __init__(self, plan: _Plan, head_dim: int) -> None:
+    def __init__(self, plan: Plan, head_dim: int) -> None:
         self.radius = R = max(plan.dmax, -plan.dmin)  # symmetric padding: conv2d pads both sides alike
         kernel = plan.kernel.new_zeros(plan.kernel.shape[0], 2 * R + 1)  # offsets -R ... R
         kernel[:, plan.dmin + R : plan.dmax + R + 1] = plan.kernel
@@ -390,7 +249,7 @@ class _FFT:
     """FFT convolution in float64 along the tokens, zero-padded so no offset aliases; same interface
     as :class:`_Conv` (the per-head spectrum broadcasts over a head's channels)."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
         device = plan.kernel.device
         self.n = _fast_fft_length(plan.table.shape[1] // 2 + 1 + max(plan.dmax, -plan.dmin))
@@ -437,48 +296,15 @@ def _kernel_moments(grad_logits: Tensor, dmin: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # Tokens the per-head shift cannot serve: exact softmax rows, shifted by each row's own best logit.
 
-
-def _row_max_logit(table: Tensor, mask: Tensor | None, length: int) -> Tensor:
-    """``(B or 1, T, H)``: the largest logit over each token's *real* sources, exactly.
-
-    A quadratic in ``d`` peaks (concave) at the source nearest to its vertex or (linear, convex) at one
-    of the two extreme sources, so four candidates per token suffice: the first and last real token and
-    the real tokens just before and after ``j - vertex``."""
-    device, heads = table.device, table.shape[0]
-    idx = torch.arange(length, device=device)
-    real = torch.ones(1, length, dtype=torch.bool, device=device) if mask is None else mask
-    before = torch.where(real, idx, -1).cummax(dim=1).values  # last real index <= t, or -1
-    after = torch.where(real, idx, length).flip(1).cummin(dim=1).values.flip(1)  # first real >= t, or T
-    centre = length - 1  # far heads need T >= 2, so d = -1, 0, 1 are in the table
-    w1 = (table[:, centre + 1] - table[:, centre - 1]) / 2
-    w2 = (table[:, centre + 1] + table[:, centre - 1]) / 2 - table[:, centre]
-    vertex = torch.where(w2 < 0, -w1 / (2 * w2).clamp(max=-1e-300), torch.zeros_like(w1))
-    target = (idx[:, None] - vertex[None, :]).clamp(0, length - 1)  # (T, H)
-    batch = real.shape[0]
-    candidates = [
-        before[:, target.floor().long().flatten()].view(batch, length, heads),
-        after[:, target.ceil().long().flatten()].view(batch, length, heads),
-        after[:, :1, None].expand(batch, length, heads),
-        before[:, -1:, None].expand(batch, length, heads),
-    ]
-    best = torch.full((batch, length, heads), -math.inf, dtype=torch.float64, device=device)
-    head = torch.arange(heads, device=device)
-    for source in candidates:
-        offset = idx[None, :, None] - source.clamp(0, length - 1) + centre
-        logit = torch.where((source >= 0) & (source < length), table[head, offset], -math.inf)
-        best = torch.maximum(best, logit)
-    return best
-
-
 class _ExactRows:
     """Softmax rows computed directly (``O(T)`` each) for the real tokens of far heads whose best source
     is more than :data:`DYNAMIC_RANGE` below the head's peak; only kernels peaked far from ``d = 0``."""
 
     CHUNK = 1 << 22  # elements of one (rows, T) weight block
 
-    def __init__(self, plan: _Plan, mask: Tensor | None, batch: int, length: int) -> None:
+    def __init__(self, plan: Plan, mask: Tensor | None, batch: int, length: int) -> None:
         self.table, self.mask, self.length = plan.table, mask, length
-        best = _row_max_logit(plan.table, mask, length).expand(batch, length, -1)
+        best = row_max_logit(plan.table, mask, length).expand(batch, length, -1)
         real = torch.ones(batch, length, dtype=torch.bool, device=best.device) if mask is None else mask
         self.needy = torch.zeros(batch, length, plan.table.shape[0], dtype=torch.bool, device=best.device)
         self.groups: list[tuple[int, int, Tensor, Tensor]] = []
@@ -550,7 +376,7 @@ class _Call:
         var_ln = (self.scale.square() * head_sq).mean(dim=-1) - self.mu_ln.square()
         self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
 
-        self.plan = _make_plan(pos_weight, T, method, dtype)
+        self.plan = make_plan(pos_weight, T, method, dtype)
         self.engine = _FFT(self.plan) if self.plan.method == "fft" else _Conv(self.plan, D)
         self.lam_m, self.lam_v = torch.sigmoid(gate_mean.to(dtype)), torch.sigmoid(gate_var.to(dtype))
 
@@ -711,3 +537,11 @@ def _backward_chunk(call: _Call, i: int, xh: Tensor, gy: Tensor, grad_x: Tensor,
     dot += alpha * call.head_mean[c] * scale + beta * (1 - eps * scale.square())
     g_head.mul_(call.scale4[c]).add_((scale * alpha)[..., None])
     g_head.addcmul_(xh, (scale.square() * (beta - dot))[..., None])
+
+def normalize(norm, x: Tensor, mask: Tensor | None, method: str = "auto") -> Tensor:
+    """DTN of ``x`` with the parameters of ``norm`` (a :class:`~lra_dtn.dtn.DynamicTokenNorm`);
+    ``method`` is one of :data:`METHODS`."""
+    return _DTNFunction.apply(
+        x, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var, norm.weight, norm.bias,
+        mask, norm.num_heads, norm.eps, method,
+    )

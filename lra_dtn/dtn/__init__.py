@@ -1,0 +1,19 @@
+"""Dynamic Token Normalization (Shao et al., ICLR 2022) for padded 1-D token sequences.
+
+One job per file:
+
+* :mod:`~lra_dtn.dtn.module`: the ``dtn`` / ``dtn_var`` modules, their parameters and local init, and
+  the registry of paths that compute them (``method``);
+* :mod:`~lra_dtn.dtn.kernel`: the positional prior: logits over token offsets, the kernel's support;
+* :mod:`~lra_dtn.dtn.cpu`: the eager path (depthwise or FFT convolution, hand-written backward);
+* :mod:`~lra_dtn.dtn.reference`: the dense float64 reference every path is tested against.
+
+Importing this package registers ``dtn`` and ``dtn_var`` in :data:`lra_dtn.norms.NORMS`.
+"""
+from lra_dtn.dtn.kernel import DYNAMIC_RANGE, TRUNCATION, kernel_logits, local_offsets
+from lra_dtn.dtn.module import PATHS, DynamicTokenNorm, DynamicTokenVarNorm
+
+__all__ = [
+    "DYNAMIC_RANGE", "PATHS", "TRUNCATION", "DynamicTokenNorm", "DynamicTokenVarNorm", "kernel_logits",
+    "local_offsets",
+]

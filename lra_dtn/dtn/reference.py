@@ -1,0 +1,41 @@
+"""The dense float64 reference of ``specs/dtn.md``: the judge every fast DTN path is tested against.
+
+Written from the spec alone, step by step, with a ``(B, H, T, T)`` softmax: quadratic in ``T``, so for
+tests only. Differentiable in ``x`` and in every parameter, so it also gives the reference gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def reference(params: dict[str, Tensor], x: Tensor, mask: Tensor | None, heads: int, eps: float) -> Tensor:
+    """DTN of ``x`` ``(B, T, C)``, parameters named as the module's (``gate_mean`` absent for ``dtn_var``)."""
+    B, T, C = x.shape
+    xh = x.view(B, T, heads, C // heads)
+    xh = xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)  # 1. per-head RMS pre-scaling
+    xs = xh.reshape(B, T, C)
+    mu_ln, var_ln = xs.mean(-1), xs.var(-1)  # 2. unbiased, as torch.var
+    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(x)  # j - i
+    w, b = params["pos_proj.weight"], params["pos_proj.bias"]
+    logits = (w[:, 0, None, None] * d + w[:, 1, None, None] * d * d + b[:, None, None]).expand(B, heads, T, T)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
+    P = torch.softmax(logits, dim=-1)  # 3.
+    per_head = xh.permute(0, 2, 1, 3)
+    mu_in = (P @ per_head).permute(0, 2, 1, 3)
+    var_in = (P @ per_head.square()).permute(0, 2, 1, 3) - mu_in.square()
+    lam_m = torch.sigmoid(params["gate_mean"]) if "gate_mean" in params else torch.ones_like(params["gate_var"])
+    lam_v = torch.sigmoid(params["gate_var"])
+    mu = lam_m[:, None] * mu_ln[..., None, None] + (1 - lam_m)[:, None] * mu_in  # 4.
+    var = lam_v[:, None] * var_ln[..., None, None] + (1 - lam_v)[:, None] * var_in
+    y = ((xh - mu) / torch.sqrt(var + eps)).reshape(B, T, C)  # 5.
+    return y * params["weight"] + params["bias"]
+
+
+def dense_reference(norm, x: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`reference` in float64 with the (detached) parameters of ``norm``, a DTN module."""
+    params = {name: p.detach().double() for name, p in norm.named_parameters()}
+    return reference(params, x.double(), mask, norm.num_heads, norm.eps)
