@@ -20,7 +20,9 @@ exactly (:func:`~lra_dtn.dtn.kernel.row_max_logit`) and their rows recomputed wi
 The normalizer is one ``autograd.Function`` with a hand-written backward. Like LayerNorm it keeps only
 its input and per-token scalars; backward recomputes the convolution. Both passes run over chunks of
 the batch, in reused buffers: on CPU, cache misses and page faults on fresh tensors cost more than the
-arithmetic (see :class:`_Workspace`).
+arithmetic (see :class:`_Workspace`). The gradient of ``pos_proj`` contracts the logits' gradient with
+features centred on where the kernel collapses (:func:`~lra_dtn.dtn.kernel.centred_features`): in the
+plain moment form ``(d, d^2)`` float32 rounding times ``d^2`` swamped it.
 
 Host synchronisation: planning reads the kernel's support and its far heads back to Python (``int``,
 ``nonzero``, ``tolist``) once per call, and :class:`_ExactRows` lists its rows. On CPU there is no device
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lra_dtn.dtn.kernel import DYNAMIC_RANGE, Support, kernel_logits, plan_support, row_max_logit
+from lra_dtn.dtn.kernel import DYNAMIC_RANGE, Support, centred_features, kernel_logits, plan_support, row_max_logit
 
 #: FFT rounding is relative to the largest output, and a real token's normaliser can be as small as its
 #: own weight ``exp(-rel)``: float64 FFT is used only when ``rel + log(sum of weights) <= 16``.
@@ -66,6 +68,7 @@ METHODS = ("auto", "conv", "fft")
 @dataclass
 class Plan(Support):
     method: str  # "conv" | "fft"
+    dtype: torch.dtype  # of the convolutions (the statistics' dtype)
 
 
 def _fast_fft_length(n: int) -> int:
@@ -94,8 +97,7 @@ def make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) 
         n = _fast_fft_length(length + max(dmax, -dmin))
         if method == "fft" or FFT_COST * math.log2(n) * n / length < taps:
             chosen = "fft"
-    fields = {**vars(support), "kernel": kernel.to(dtype)}
-    return Plan(**fields, method=chosen)
+    return Plan(**vars(support), method=chosen, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,15 +137,15 @@ class _Conv:
 
     def __init__(self, plan: Plan, head_dim: int) -> None:
         self.radius = R = max(plan.dmax, -plan.dmin)  # symmetric padding: conv2d pads both sides alike
-        kernel = plan.kernel.new_zeros(plan.kernel.shape[0], 2 * R + 1)  # offsets -R ... R
+        kernel = plan.kernel.new_zeros(plan.kernel.shape[0], 2 * R + 1)  # offsets -R ... R, float64
         kernel[:, plan.dmin + R : plan.dmax + R + 1] = plan.kernel
-        d = torch.arange(-R, R + 1, device=kernel.device, dtype=kernel.dtype)
+        features = centred_features(torch.arange(-R, R + 1, device=kernel.device), plan.centre)  # (H, 2R + 1, 2)
         # conv2d correlates: the forward convolution takes the kernel reversed, its adjoint as it is
         taps = {"forward": kernel.flip(-1), "transpose": kernel}
-        taps.update({power: (kernel * d**power).flip(-1) for power in (1, 2)})  # d/dw1, d/dw2 of k
+        taps.update({f: (kernel * features[..., f]).flip(-1) for f in (0, 1)})  # towards d/dw1, d/dw2
         # (H, 2R + 1) -> (H * channels, 1, 1, 2R + 1), for tensors with head_dim and with 1 channel per head
         self.weights = {
-            (name, per_head): t.repeat_interleave(per_head, dim=0)[:, None, None, :].contiguous()
+            (name, per_head): t.to(plan.dtype).repeat_interleave(per_head, dim=0)[:, None, None, :].contiguous()
             for name, t in taps.items()
             for per_head in {head_dim, 1}
         }
@@ -180,20 +182,21 @@ class _Conv:
         return self._correlate(g, "transpose", out)
 
     def moments(self, grads: list[Tensor], values: list[Tensor]) -> Tensor:
-        """``(H, 2)``: ``sum_d k(d) d^p * sum_j <grads[j], values[j - d]>`` for ``p = 1, 2``, summed over
-        the ``(b, T, H, D)`` pairs given -- their share of the gradients of ``w1`` and ``w2``."""
+        """``(H, 2)``: ``sum_d k(d) f(d) * sum_j <grads[j], values[j - d]>`` for the centred features
+        ``f`` of ``d`` and ``d^2`` (:func:`~lra_dtn.dtn.kernel.centred_features`), summed over the
+        ``(b, T, H, D)`` pairs given -- their share of the gradients of ``w1`` and ``w2``."""
         moments = []
-        for power in (1, 2):
+        for feature in (0, 1):
             total = 0
             for g, v in zip(grads, values):
-                shifted = self._correlate(v, power, _WORKSPACE.get("moment", v.shape, v))
+                shifted = self._correlate(v, feature, _WORKSPACE.get("moment", v.shape, v))
                 total = total + shifted.mul_(g).sum(dim=-1)
             moments.append(total.sum(dim=(0, 1)))
         return torch.stack(moments, dim=-1)
 
     def moment_convs(self, x: Tensor) -> list[Tensor]:
-        """The convolutions of ``x`` with ``k(d) d`` and ``k(d) d^2`` (fresh tensors)."""
-        return [self._correlate(x, power, torch.empty_like(x)) for power in (1, 2)]
+        """The convolutions of ``x`` with ``k(d) f(d)`` for both centred features (fresh tensors)."""
+        return [self._correlate(x, feature, torch.empty_like(x)) for feature in (0, 1)]
 
 
 #: oneDNN's fused "convolution + add into a given tensor" (the op inductor uses), when this build has it.
@@ -255,12 +258,12 @@ class _FFT:
         self.n = _fast_fft_length(plan.table.shape[1] // 2 + 1 + max(plan.dmax, -plan.dmin))
         self.positions = torch.arange(plan.dmin, plan.dmax + 1, device=device) % self.n
         circular = torch.zeros(plan.kernel.shape[0], self.n, dtype=torch.float64, device=device)
-        circular[:, self.positions] = plan.kernel.double()
+        circular[:, self.positions] = plan.kernel
         self.spectrum = torch.fft.rfft(circular, dim=-1).T  # (F, H)
-        d = torch.arange(plan.dmin, plan.dmax + 1, device=device, dtype=torch.float64)
+        self.features = centred_features(torch.arange(plan.dmin, plan.dmax + 1, device=device), plan.centre)
         self.moment_spectra = []
-        for power in (1, 2):
-            circular[:, self.positions] = plan.kernel.double() * d**power
+        for feature in (0, 1):
+            circular[:, self.positions] = plan.kernel * self.features[..., feature]
             self.moment_spectra.append(torch.fft.rfft(circular, dim=-1).T)
 
     def _spectrum(self, x: Tensor) -> Tensor:
@@ -281,38 +284,36 @@ class _FFT:
         for g, v in zip(grads, values):
             cross = cross + (self._spectrum(g) * self._spectrum(v).conj()).sum(dim=(0, 3))
         lags = torch.fft.irfft(cross, n=self.n, dim=0)[self.positions].T  # (H, W): sum <g[j], v[j - d]>
-        return _kernel_moments(lags * self.plan.kernel.double(), self.plan.dmin).to(values[0].dtype)
+        grad_logits = lags * self.plan.kernel
+        return torch.einsum("hw,hwf->hf", grad_logits, self.features).to(values[0].dtype)
 
     def moment_convs(self, x: Tensor) -> list[Tensor]:
         return [self._apply(x, spectrum, torch.empty_like(x)) for spectrum in self.moment_spectra]
-
-
-def _kernel_moments(grad_logits: Tensor, dmin: int) -> Tensor:
-    """``(H, 2)``: the gradients of ``w1``, ``w2`` from those of the logits of offsets ``dmin ...``."""
-    d = torch.arange(dmin, dmin + grad_logits.shape[-1], device=grad_logits.device, dtype=grad_logits.dtype)
-    return torch.stack([(grad_logits * d).sum(-1), (grad_logits * d * d).sum(-1)], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
 # Tokens the per-head shift cannot serve: exact softmax rows, shifted by each row's own best logit.
 
 class _ExactRows:
-    """Softmax rows computed directly (``O(T)`` each) for the real tokens of far heads whose best source
-    is more than :data:`DYNAMIC_RANGE` below the head's peak; only kernels peaked far from ``d = 0``."""
+    """Softmax rows computed directly (``O(T)`` each) for the real tokens of far heads (peaked far from
+    ``d = 0``) whose best source is more than :data:`DYNAMIC_RANGE` below the head's peak, or at another
+    offset than the head's peak: the convolution's kernel gradient is centred on the head's peak offset
+    (:func:`~lra_dtn.dtn.kernel.centred_features`), these rows' on their own best offset."""
 
     CHUNK = 1 << 22  # elements of one (rows, T) weight block
 
     def __init__(self, plan: Plan, mask: Tensor | None, batch: int, length: int) -> None:
         self.table, self.mask, self.length = plan.table, mask, length
-        best = row_max_logit(plan.table, mask, length).expand(batch, length, -1)
+        best, best_offset = (t.expand(batch, length, -1) for t in row_max_logit(plan.table, mask, length))
         real = torch.ones(batch, length, dtype=torch.bool, device=best.device) if mask is None else mask
         self.needy = torch.zeros(batch, length, plan.table.shape[0], dtype=torch.bool, device=best.device)
-        self.groups: list[tuple[int, int, Tensor, Tensor]] = []
+        self.groups: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
         for h in plan.far:
-            self.needy[..., h] = real & (best[..., h] < plan.peak[h] - DYNAMIC_RANGE)
+            unreached = (best[..., h] < plan.peak[h] - DYNAMIC_RANGE) | (best_offset[..., h] != plan.centre[h])
+            self.needy[..., h] = real & unreached
             for b in torch.nonzero(self.needy[..., h].any(dim=1)).flatten().tolist():
                 for rows in torch.nonzero(self.needy[b, :, h]).flatten().split(max(1, self.CHUNK // length)):
-                    self.groups.append((b, h, rows, best[b, rows, h]))
+                    self.groups.append((b, h, rows, best[b, rows, h], best_offset[b, rows, h]))
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -326,14 +327,14 @@ class _ExactRows:
 
     def forward(self, values: list[Tensor], sums: list[Tensor]) -> None:
         """Overwrite these rows of ``sums`` with their exact sums (scaled per row: only ratios matter)."""
-        for b, h, rows, best in self.groups:
+        for b, h, rows, best, _ in self.groups:
             weights = self._weights(b, h, rows, best, values[0].dtype)[0]
             for v, s in zip(values, sums):
                 s[b, rows, h] = weights @ v[b, :, h]
 
     def backward(self, grads: list[Tensor], values: list[Tensor], grad_values: list[Tensor], moments: Tensor) -> None:
         """Add these rows' share of the value gradients and of the ``w1, w2`` gradients (in place)."""
-        for b, h, rows, best in self.groups:
+        for b, h, rows, best, best_offset in self.groups:
             weights, offsets = self._weights(b, h, rows, best, values[0].dtype)
             g_weights = 0
             for g, v in zip(grads, values):  # (rows, T) gradient of the weights
@@ -341,10 +342,9 @@ class _ExactRows:
                 g_weights = g_weights + (g_rows @ v_bh.T if v_bh.dim() == 2 else g_rows[:, None] * v_bh[None, :])
             for g, gv in zip(grads, grad_values):  # the mask has no gradient
                 gv[b, :, h] += weights.T @ g[b, rows, h]
-            g_logits = (g_weights * weights).double()
-            d = offsets.double()
-            moments[h, 0] += (g_logits * d).sum().to(moments.dtype)
-            moments[h, 1] += (g_logits * d * d).sum().to(moments.dtype)
+            g_logits = (g_weights * weights).double()  # (rows, T), each row centred on its own best offset
+            features = centred_features(offsets, best_offset)  # (rows, T, 2)
+            moments[h] += torch.einsum("rt,rtf->f", g_logits, features).to(moments.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,31 @@ def kernel_logits(pos_weight: Tensor, length: int, pos_bias: Tensor | None = Non
     ``w2 * d^2`` reaches ``1e7`` at LRA lengths, where float32 rounding would move a weight by ``e``."""
     d = torch.arange(1 - length, length, device=pos_weight.device, dtype=torch.float64)
     bias = None if pos_bias is None else pos_bias.double()
-    return F.linear(torch.stack([d, d * d], dim=-1), pos_weight.double(), bias).T
+    return F.linear(offset_features(d), pos_weight.double(), bias).T
+
+
+def offset_features(d: Tensor) -> Tensor:
+    """``(..., 2)``: the features ``(d, d^2)`` of the offsets ``d`` (float64), whose weighted sum by a
+    row of ``pos_proj.weight`` is that head's logit."""
+    d = d.double()
+    return torch.stack([d, d * d], dim=-1)
+
+
+def centred_features(d: Tensor, centre: Tensor) -> Tensor:
+    """``offset_features(d) - offset_features(centre)`` per centre: ``(*centre.shape, W, 2)`` for offsets ``d``
+    of shape ``(W,)`` or ``(*centre.shape, W)``.
+
+    Why the gradients of ``pos_proj.weight`` take these instead of ``(d, d^2)``: a head's softmax does not
+    change when all its logits move together, so per token the gradient of the logits sums to zero, and
+    ``sum_d g(d) f(d) = sum_d g(d) (f(d) - f(c))`` for any constant ``c``. When a kernel collapses onto one
+    offset ``d0`` far from zero (sharp, far-shifted or upward-curving), ``g(d0)`` is the difference of
+    two nearly equal float32 products and carries their rounding, about ``1e-7`` of each, while the
+    true gradient there is ``exp(-(gap to the next offset))``-small; multiplied by ``d0^2 ~ 4e6`` that
+    rounding became the whole gradient (T = 2048, ``w2 = 0.038``: -0.54 for a true 1e-27). Centred at
+    ``c = d0`` the rounding is multiplied by exactly zero, and every other offset's ``g(d)`` is an
+    accurate product of its own small weight. Feature differences are exact in float64. The eager path
+    centres each head on :attr:`Support.centre` and each exactly computed row on its own best offset."""
+    return offset_features(d) - offset_features(centre)[..., None, :]
 
 
 @dataclass
@@ -54,6 +78,7 @@ class Support:
     dmin: int
     dmax: int
     peak: Tensor  # (H,) float64, the per-head shift
+    centre: Tensor  # (H,) float64: a far head's peak offset (the first, where several tie), else 0
     rel: Tensor  # (H,) float64 >= 0: how far below its peak a head puts the token itself (d = 0)
     far: list[int]  # heads whose peak is more than DYNAMIC_RANGE above their logit at d = 0
 
@@ -65,7 +90,7 @@ class Support:
 def plan_support(table: Tensor) -> Support:
     """The effective support of the kernel whose ``(H, 2T - 1)`` logits are ``table``."""
     length = (table.shape[1] + 1) // 2
-    peak = table.max(dim=1).values
+    peak, column = table.max(dim=1)
     rel = peak - table[:, length - 1]
     reach = rel.clamp(max=DYNAMIC_RANGE)
     # Keep every offset within reach + log(2T / TRUNCATION) nats of the peak: the dropped mass is at most
@@ -76,11 +101,17 @@ def plan_support(table: Tensor) -> Support:
     dmin, dmax = int(offsets[0]) - (length - 1), int(offsets[-1]) - (length - 1)
     kernel = torch.exp(table[:, dmin + length - 1 : dmax + length] - peak[:, None])
     far = [h for h in range(table.shape[0]) if rel[h] > DYNAMIC_RANGE]
-    return Support(table, kernel, dmin, dmax, peak, rel, far)
+    # The centre of the kernel gradient's features (see centred_features): where tokens collapse. In a
+    # head within DYNAMIC_RANGE of d = 0 a collapse can only happen within a few offsets of d = 0 (each
+    # token reaches d = 0, and a collapse needs its neighbours many nats lower), e.g. a token whose only
+    # real source is itself; in a far head, at its peak (other tokens get their own rows).
+    centre = torch.where(rel > DYNAMIC_RANGE, column - (length - 1), 0).double()
+    return Support(table, kernel, dmin, dmax, peak, centre, rel, far)
 
 
-def row_max_logit(table: Tensor, mask: Tensor | None, length: int) -> Tensor:
-    """``(B or 1, T, H)``: the largest logit over each token's *real* sources, exactly.
+def row_max_logit(table: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+    """``(B or 1, T, H)`` twice: the largest logit over each token's *real* sources, exactly, and the
+    offset ``j - i`` of that source (float64; the smallest offset where two tie, as :func:`plan_support`).
 
     A quadratic in ``d`` peaks (concave) at the source nearest to its vertex or (linear, convex) at one
     of the two extreme sources, so four candidates per token suffice: the first and last real token and
@@ -103,9 +134,11 @@ def row_max_logit(table: Tensor, mask: Tensor | None, length: int) -> Tensor:
         before[:, -1:, None].expand(batch, length, heads),
     ]
     best = torch.full((batch, length, heads), -math.inf, dtype=torch.float64, device=device)
+    best_offset = torch.zeros(batch, length, heads, dtype=torch.float64, device=device)
     head = torch.arange(heads, device=device)
     for source in candidates:
-        offset = idx[None, :, None] - source.clamp(0, length - 1) + centre
-        logit = torch.where((source >= 0) & (source < length), table[head, offset], -math.inf)
-        best = torch.maximum(best, logit)
-    return best
+        offset = idx[None, :, None] - source.clamp(0, length - 1)
+        logit = torch.where((source >= 0) & (source < length), table[head, offset + centre], -math.inf)
+        better = (logit > best) | ((logit == best) & (offset < best_offset))
+        best, best_offset = torch.where(better, logit, best), torch.where(better, offset.double(), best_offset)
+    return best, best_offset

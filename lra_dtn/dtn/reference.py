@@ -39,3 +39,11 @@ def dense_reference(norm, x: Tensor, mask: Tensor | None) -> Tensor:
     """:func:`reference` in float64 with the (detached) parameters of ``norm``, a DTN module."""
     params = {name: p.detach().double() for name, p in norm.named_parameters()}
     return reference(params, x.double(), mask, norm.num_heads, norm.eps)
+
+
+def reference_gradients(norm, x: Tensor, mask: Tensor | None, grad_y: Tensor) -> dict[str, Tensor]:
+    """float64 gradients of ``<reference(x), grad_y>``: ``"x"`` and every parameter of ``norm`` by name."""
+    params = {name: p.detach().double().requires_grad_() for name, p in norm.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    reference(params, x64, mask, norm.num_heads, norm.eps).backward(grad_y.double())
+    return {"x": x64.grad, **{name: p.grad for name, p in params.items()}}
