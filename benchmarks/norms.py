@@ -3,6 +3,7 @@
     python -m benchmarks.norms                          # T = 1024, 2048, 4096; B=8, C=128, H=4
     python -m benchmarks.norms --lengths 1024 --rounds 5
     python -m benchmarks.norms --device cuda --batch 32 --lengths 2000 --precision bf16   # a GPU
+    python -m benchmarks.norms --traffic                # bytes per token, LN vs each DTN path, no GPU needed
 
 Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
 gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
@@ -19,6 +20,14 @@ time. On a machine shared with other jobs both are unreliable for DTN at 2 threa
 parallel loops each wait for a descheduled thread): measure on an idle machine, or with ``--threads 1``.
 Memory: peak resident set over two training steps, in a fresh process per cell, minus the resident
 set before them. On a GPU: CUDA time (synchronised) and the allocator's peak over two steps.
+
+Traffic (``--traffic``): what one forward + backward of the norm alone reads and writes per token at
+the official ListOps and Text shapes (batch, length + CLS, width and heads from ``tasks``' official
+configs), float32, DTN at its local init. Eager paths are counted op by op (:mod:`benchmarks.traffic`
+gives the rule) at ``--traffic-batch`` sequences, one of them half padded: bytes per token do not depend
+on the batch (the batch-free kernel tables are a few KiB), so this is the official batch's count per
+token. A fused path, which the dispatcher sees as one op, reports what its kernels load and store
+(``lra_dtn.dtn.fused.traffic_bytes``), for the local init's support and for a 255-offset kernel.
 
 Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
 and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
@@ -38,10 +47,14 @@ import torch.nn.functional as F
 
 from benchmarks.encoders import RETRIEVAL_SIZE
 from lra_dtn.config import PRECISIONS, ModelConfig
+from benchmarks.traffic import count_traffic
+from lra_dtn.config import Preset
 from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm
 from lra_dtn.dtn.cpu import make_plan
+from lra_dtn.dtn.kernel import plan_support
 from lra_dtn.norms import build_norm
 from models import MODELS, build_model
+from tasks import TASKS
 
 BATCH, CHANNELS, HEADS = 8, 128, 4
 DEVICE = torch.device("cpu")  # --device
@@ -163,6 +176,68 @@ def memory_cell(model_name: str, label: str, length: int) -> float | None:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+#: The official shapes the traffic table is computed at (``tasks``' official configs).
+TRAFFIC_TASKS = ("listops", "text")
+#: The eager DTN paths counted op by op: (label, method).
+EAGER_PATHS = (("dtn conv", "conv"), ("dtn fft", "fft"))
+#: The wide kernel of the issue's GPU target: 255 offsets.
+WIDE_SUPPORT = 255
+
+
+def official_shape(task: str) -> tuple[int, int, int, int]:
+    """``(B, T, C, H)`` of the official config of ``task``, ``T`` counting the CLS token."""
+    model, train, _ = TASKS.get(task)().spec(Preset.official, "transformer")
+    return train.batch_size, model.encoder_length, model.emb_dim, model.num_heads
+
+
+def eager_traffic(norm: torch.nn.Module, batch: int, length: int) -> tuple[float, float, int]:
+    """``(read, written)`` bytes per token of one forward + backward of ``norm``, and its op count."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, length, norm.dim, requires_grad=True)
+    grad = torch.randn(batch, length, norm.dim)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[-1, length // 2:] = False  # one sequence half padded, as in a real batch
+    traffic = count_traffic(lambda: norm(x, mask).backward(grad))
+    tokens = batch * length
+    return traffic.read / tokens, traffic.written / tokens, traffic.ops
+
+
+def fused_traffic_fn():
+    """``lra_dtn.dtn.fused.traffic_bytes`` (analytic bytes of the fused kernels), or ``None`` with why."""
+    try:
+        from lra_dtn.dtn import fused
+    except ImportError as error:
+        return None, f"no fused path here ({error})"
+    return fused.traffic_bytes, ""
+
+
+def traffic_table(traffic_batch: int) -> list[str]:
+    """Markdown rows: bytes per token of LN and each DTN path at each official shape."""
+    lines = ["| task (B, T, C, H) | norm | read B/token | written B/token | total | x LN | passes | ops |",
+             "|---|---|---|---|---|---|---|---|"]
+    fused, why = fused_traffic_fn()
+    for task in TRAFFIC_TASKS:
+        B, T, C, H = official_shape(task)
+        shape = f"{task} ({B}, {T}, {C}, {H})"
+        rows = [("ln", *eager_traffic(build_norm("ln", C, H), traffic_batch, T))]
+        for label, method in EAGER_PATHS:
+            rows.append((label, *eager_traffic(DynamicTokenNorm(C, H, method=method), traffic_batch, T)))
+        if fused is not None:
+            init = DynamicTokenNorm(C, H)
+            support = plan_support(init.kernel_logits(T).detach()).width
+            for label, width in ((f"dtn fused ({support} offsets)", support), (f"dtn fused ({WIDE_SUPPORT} offsets)", WIDE_SUPPORT)):
+                read, written = fused(B, T, C, H, width)
+                rows.append((label, read / (B * T), written / (B * T), 0))
+        ln_total = rows[0][1] + rows[0][2]
+        for label, read, written, ops in rows:
+            total = read + written
+            lines.append(f"| {shape} | {label} | {read:,.0f} | {written:,.0f} | {total:,.0f} | {total / ln_total:.1f} | "
+                         f"{total / (C * 4):.1f} | {ops or 'fused'} |")
+    if fused is None:
+        lines.append(f"\n(dtn fused: {why})")
+    return lines
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
@@ -181,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory processes")
     parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--traffic", action="store_true",
+                        help="print the bytes per token LN and each DTN path read and write at the official shapes")
+    parser.add_argument("--traffic-batch", type=int, default=2, help="sequences counted for --traffic (per token)")
     parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     DEVICE, PRECISION = torch.device(args.device), args.precision
@@ -190,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_cell:
         model_name, label, length = args.memory_cell
         print(step_memory(model_name, label, int(length)))
+        return
+    if args.traffic:
+        print("Bytes one forward + backward reads and writes per token (float32; DTN at its local init); "
+              "passes = total / the activations' bytes per token (4 C); ops = data-moving aten ops")
+        print("\n".join(traffic_table(args.traffic_batch)))
         return
 
     models = [m for m in args.models if m in MODELS]
