@@ -110,16 +110,25 @@ def make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) 
 class _Workspace(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[tuple, Tensor] = {}
+        # The views handed out, per (name, dtype, device, shape): a short call spends more on dispatching
+        # two view ops per buffer than on some of the arithmetic (~580 ops a call at T = 101, C = 64).
+        self.views: dict[tuple, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """A tensor of ``shape`` on ``like``'s device, of ``like``'s dtype unless ``dtype`` is given;
         its content is whatever the last user left."""
         dtype = like.dtype if dtype is None else dtype
-        key, numel = (name, dtype, like.device), math.prod(shape)
+        key = (name, dtype, like.device)
+        view = self.views.get((*key, shape))
+        if view is not None:
+            return view
+        numel = math.prod(shape)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=like.device)
-        return buffer[:numel].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[:3] != key}  # views of the old buffer
+        view = self.views[(*key, shape)] = buffer[:numel].view(shape)
+        return view
 
 
 _WORKSPACE = _Workspace()
@@ -153,7 +162,7 @@ class _Conv:
     def _correlate(self, x: Tensor, name, out: Tensor) -> Tensor:
         """``out[t] = sum_w taps[w] * x[t + w - R]`` per channel, for ``x`` ``(b, T, H[, D])``."""
         B, T = x.shape[:2]
-        channels = x[0, 0].numel()
+        channels = math.prod(x.shape[2:])
         weight = self.weights[(name, channels // x.shape[2])]
         planes = x.view(B, T, channels).transpose(1, 2).unsqueeze(2)  # (B, channels, 1, T) channels-last
         result = out.view(B, T, channels).transpose(1, 2).unsqueeze(2)
@@ -163,14 +172,17 @@ class _Conv:
             if not cpu and _transposed_is_faster(planes, weight, self.radius):
                 planes = planes.contiguous()  # NCHW: PyTorch's own depthwise kernel instead of cuDNN's NHWC one
             for i in range(0, B, step):
+                rows = slice(i, i + step)
+                # (a whole batch in one step is sliced by no op: short calls pay per dispatched op)
+                target, source = (result, planes) if step >= B else (result[rows], planes[rows])
                 if _ONEDNN_ACCUMULATE and cpu and x.dtype == torch.float32:
                     # oneDNN adds the convolution into the (zeroed) workspace: no fresh output to fault in
                     torch.ops.mkldnn._convolution_pointwise_.binary(
-                        result[i : i + step].zero_(), planes[i : i + step], weight, None, [0, self.radius],
+                        target.zero_(), source, weight, None, [0, self.radius],
                         [1, 1], [1, 1], channels, "add", None, None, [], None,
                     )
                 else:
-                    result[i : i + step] = _depthwise(planes[i : i + step], weight, self.radius)
+                    target.copy_(_depthwise(source, weight, self.radius))
         return out
 
     def conv(self, x: Tensor, out: Tensor) -> Tensor:
