@@ -127,6 +127,8 @@ class _Workspace(threading.local):
         if buffer is None or buffer.numel() < numel:
             buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=like.device)
             self.views = {k: v for k, v in self.views.items() if k[:3] != key}  # views of the old buffer
+        if len(self.views) >= 4096:  # one per (buffer, shape): lengths vary from batch to batch
+            self.views.clear()
         view = self.views[(*key, shape)] = buffer[:numel].view(shape)
         return view
 
