@@ -73,7 +73,7 @@ def test_real_tokens_do_not_change_with_extra_padding(model_name, norm):
 def test_mean_pooling_after_a_zero_token_mean_norm_is_refused():
     """InstanceNorm's output averages to its bias over the tokens: MEAN pooling would make a classifier
     that ignores its input. Refused by the encoder and when a run is planned (before any training)."""
-    from lra_dtn.specs import make_spec
+    from lra_dtn.app.specs import make_spec
 
     norm = NORMS.get("in")(24, 3)
     torch.nn.init.normal_(norm.bias)

@@ -199,6 +199,7 @@ def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("pf")
     options = PathfinderData(num_images=80, seed=5)
     task = TASKS.get("pathfinder")()
+    task.prepare(root / "data", options)
     return task, root, options, task.load(root / "data", options, root / "cache")
 
 
@@ -217,7 +218,8 @@ def test_generated_when_missing_and_read_back(generated, capsys):
     assert all(r.shape == (1024,) and r.min() == 0 and r.max() == 255 for r in rows)  # min-max scaled PNGs
     assert task.describe(options) == ("Pathfinder-32 generated pathfinder32-gen-n80-seed5/curv_contour_length_14: "
                                       "80 images (seed 5), split 64/8/8 with seed 0, pixel 0 a real token")
-    task.load(root / "data", options, root / "cache")  # second time: the same cache, nothing generated
+    task.prepare(root / "data", options)  # second time: nothing generated, the same cache
+    task.load(root / "data", options, root / "cache")
     assert "generating" not in capsys.readouterr().out
     assert len(list((root / "cache").iterdir())) == 1
 
@@ -241,6 +243,7 @@ def test_pathx_generates_128_pixel_images(tmp_path):
     task = TASKS.get("pathx")()
     cfg, _, options = task.spec(Preset.smoke, "transformer")
     assert options == PathfinderData(image_size=128, num_images=10)
+    task.prepare(tmp_path / "data", options)
     splits = task.load(tmp_path / "data", options, tmp_path / "cache")
     assert (tmp_path / "data" / "pathfinder128-gen-n10-seed0" / DIFFICULTY / "metadata" / "0.npy").exists()
     assert {k: len(v) for k, v in splits.items()} == {"train": 8, "val": 1, "test": 1}

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lra_dtn import distributed, results
+from lra_dtn import distributed
+from lra_dtn.app import artifacts
 from lra_dtn.memory import (GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory,
                             step_peak_bytes)
 from lra_dtn.config import RunSpec
@@ -45,7 +46,7 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, then rename: a kill mid-write keeps the previous one."""
-    with results.atomic_file(path) as tmp:
+    with artifacts.atomic_file(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -54,15 +55,15 @@ CHECKPOINT_KEYS = ("spec", "model", "optimizer", "rng", "state")
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`; anything else (a damaged or foreign file) raises
-    :class:`~lra_dtn.results.RunFileError` naming the file and what to do, instead of torch's unpickling error."""
+    :class:`~lra_dtn.app.artifacts.RunFileError` naming the file and what to do, instead of torch's unpickling error."""
     what_to_do = f"delete {path.parent} to start this run afresh"
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as err:  # noqa: BLE001 (zip, pickle and EOF errors alike mean "not a checkpoint")
-        raise results.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); {what_to_do}") from err
+        raise artifacts.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); {what_to_do}") from err
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise results.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); {what_to_do}")
+        raise artifacts.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); {what_to_do}")
     return ckpt
 
 
@@ -191,13 +192,13 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     ``memory_budget_gb``: what ``train.grad_accum=0`` (auto) fits a step into (default: 90 % of free)."""
     ctx = distributed.init(device)
     folder = run_dir(out, spec)
-    ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / results.RESULT_FILE
+    ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / artifacts.RESULT_FILE
     if not (resume or overwrite) and (ckpt_path.exists() or result_path.exists()):
         raise RunExistsError(f"{folder} already holds a run; pass --resume to continue it or --overwrite to restart")
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one")
     if resume and result_path.exists():
-        return results.read_result(result_path)
+        return artifacts.read_result(result_path)
 
     cfg = spec.train
     if cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
@@ -205,7 +206,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
                          f"{ctx.world_size} x {cfg.grad_accum} (grad_accum 0 = auto)")
     task = TASKS.get(spec.task)()
     cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".lra_dtn_cache"
-    if not ctx.is_main:  # rank 0 generates and tokenizes once; the others read its cache
+    if not ctx.is_main:  # rank 0 tokenizes once (the command prepared the files); the others read its cache
         distributed.barrier(ctx)
     splits = task.load(Path(data_dir), spec.data, cache_dir)
     if ctx.is_main:
@@ -340,7 +341,6 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         writer.add_scalar("test/acc", test["acc"], state["step"])
         writer.close()
     if ctx.is_main:
-        results.write_json(result_path, result)
-        results.update_tables(Path(out))
+        artifacts.write_json(result_path, result)
     distributed.barrier(ctx)
     return result
