@@ -7,14 +7,11 @@ import json
 import typing
 from typing import Any
 
-from lra_dtn.config import ModelConfig, Preset, RunSpec, TrainConfig
+from lra_dtn.config import Preset, RunSpec
 from lra_dtn.norms import NORMS, check_pooling
 from lra_dtn.registry import UnknownName
 from models import MODELS
 from tasks import TASKS
-
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
-
 
 def parse_value(text: str, kind: Any) -> Any:
     """``"3"`` -> 3 for an int field, ``"none"`` -> None for an optional one, and so on."""

@@ -47,12 +47,6 @@ def fmt_diff(diff: PairedDiff | None) -> str:
     return f"{signed(diff.mean)} [{ci}]"
 
 
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
