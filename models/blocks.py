@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lra_dtn.config import ModelConfig
-from lra_dtn.norms import build_norm, check_pooling
+from lra_dtn.norms import build_norm, check_pooling, masked_token_mean
 from lra_dtn.registry import Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
@@ -138,8 +138,7 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
     if mode in ("cls", "first"):
         return x[:, 0]
     if mode == "mean":
-        weights = mask.to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_token_mean(x, mask).squeeze(1)
     raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
 
 
