@@ -49,6 +49,10 @@ class SplitLimits(DataOptions):
         return ", first " + "/".join("all" if n is None else str(n) for n in limits) + " train/val/test"
 
 
+#: The LRA release (a gzipped tar; its folders sit under lra_release/lra_release/): ListOps, Retrieval and
+#: Pathfinder files.
+LRA_RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
+
 # The encoder shapes of the small presets: ``cpu`` learns on 2 cores in minutes, ``smoke`` runs in
 # seconds. Everything else (vocabulary, pooling, positions) stays official; tasks change what they must.
 CPU_SHAPE = dict(num_layers=2, emb_dim=64, qkv_dim=64, mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0)

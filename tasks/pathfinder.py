@@ -42,7 +42,8 @@ from PIL import Image
 import tasks.pathfinder_generator as pg
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import SMOKE_SHAPE, TASKS, DataOptions, Presets, SmallPreset, Task, generation_workers, smoke_train
+from tasks.base import (LRA_RELEASE_URL, SMOKE_SHAPE, TASKS, DataOptions, Presets, SmallPreset, Task, generation_workers,
+                        smoke_train)
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -110,12 +111,9 @@ class PathfinderData(DataOptions):
 # Reading and tokenizing
 
 
-RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
-
-
 def release_name(options: PathfinderData) -> str:
     """Where the official files sit inside the LRA archive (spec §1)."""
-    return f"lra_release/lra_release/pathfinder{options.image_size}/{options.params.difficulty} of {RELEASE_URL}"
+    return f"lra_release/lra_release/pathfinder{options.image_size}/{options.params.difficulty} of {LRA_RELEASE_URL}"
 
 
 def metadata_files(folder: Path) -> list[Path]:

@@ -22,11 +22,10 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, TASKS, Presets, SmallPreset, SplitLimits, Task, require, smoke_train,
-                        tsv_records)
+from tasks.base import (CPU_SHAPE, LRA_RELEASE_URL, SMOKE_SHAPE, TASKS, Presets, SmallPreset, SplitLimits, Task,
+                        require, smoke_train, tsv_records)
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
-LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}  # our split -> the release's suffix
 DOC_BYTES = 10_000  # the official cut before encoding
 HEADS = {"concat": "[u, v] (official)", "nli": "[u, v, u*v, u-v] (NLI, common reimplementation)"}
@@ -103,7 +102,7 @@ class Retrieval(Task):
 
     def source_files(self, data_dir: Path, options: RetrievalData) -> list[Path]:
         return [require(pair_file(data_dir, split), f"the LRA release file lra_release/tsv_data/"
-                        f"{pair_file(data_dir, split).name} ({LRA_URL}; tar xvf it and copy or link "
+                        f"{pair_file(data_dir, split).name} ({LRA_RELEASE_URL}; tar xvf it and copy or link "
                         f"lra_release/lra_release/tsv_data into --data-dir)")
                 for split in SPLIT_FILES]
 
