@@ -134,12 +134,10 @@ class Encoder(nn.Module):
 def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
     """``cls``: the prepended CLS token; ``first``: position 0 of the sequence itself (what the official
     dual encoder's "CLS" reads, having no CLS token); ``mean``: over real tokens only (the official MEAN
-    also counts padding)."""
-    if mode in ("cls", "first"):
-        return x[:, 0]
+    also counts padding). ``ModelConfig`` admits only these (``config.POOLINGS``)."""
     if mode == "mean":
         return masked_token_mean(x, mask).squeeze(1)
-    raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
+    return x[:, 0]
 
 
 #: JAX's truncated normal is cut at 2 standard deviations and rescaled so its std is the one asked for.

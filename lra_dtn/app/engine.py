@@ -68,11 +68,8 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    """bf16 autocast, or nothing for fp32 (``TrainConfig`` admits only ``config.PRECISIONS``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def versions() -> dict[str, str]:
