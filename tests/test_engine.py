@@ -195,3 +195,19 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys
         main(["--task", "listops", "--model", "transformer", "--out", str(tmp_path)])
     assert exit_info.value.code == 130
     assert "interrupted: the last checkpoint is kept; the same command with --resume" in capsys.readouterr().err
+
+
+def test_set_values_take_the_field_type():
+    """``--set`` text becomes the field's type: int, float, optional (``none``), bool, a float tuple, str."""
+    from lra_dtn.app.specs import apply_settings
+    from tasks.pathfinder import PathfinderData
+
+    train = apply_settings(smoke_spec().train, {"steps": "7", "lr": "1e-3", "grad_clip": "none", "betas": "0.9,0.95",
+                                                "precision": "bf16"}, "train")
+    assert (train.steps, train.lr, train.grad_clip, train.betas, train.precision) == (7, 1e-3, None, (0.9, 0.95), "bf16")
+    assert apply_settings(train, {"grad_clip": "0.5"}, "train").grad_clip == 0.5
+    data = apply_settings(PathfinderData(), {"distractors": "0", "mask_zero_tokens": "true"}, "data")
+    assert data.distractors == 0 and data.distractors is not False and data.mask_zero_tokens is True
+    for name, text in (("steps", "none"), ("steps", "1.5"), ("grad_clip", "big")):
+        with pytest.raises(ValueError, match=f"--set train.{name}={text}"):
+            apply_settings(train, {name: text}, "train")

@@ -13,21 +13,22 @@ from lra_dtn.registry import UnknownName
 from models import MODELS
 from tasks import TASKS
 
+
 def parse_value(text: str, kind: Any) -> Any:
-    """``"3"`` -> 3 for an int field, ``"none"`` -> None for an optional one, and so on."""
-    kind_str = str(kind)
-    if text.lower() in ("none", "null") and ("None" in kind_str or "Optional" in kind_str):
-        return None
-    if "bool" in kind_str:
+    """``"3"`` -> 3 for an ``int`` field, ``"none"`` -> None for an optional one (``X | None``),
+    ``"0.9,0.98"`` -> a tuple of floats, ``"true"`` -> True; a ``str`` field takes the text as it is."""
+    options = typing.get_args(kind)
+    if type(None) in options:
+        if text.lower() in ("none", "null"):
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
+    if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    if "tuple" in kind_str:
+    if typing.get_origin(kind) is tuple:
         return tuple(float(v) for v in text.split(","))
-    for cast in (int, float):
-        if cast.__name__ in kind_str:
-            return cast(text)
-    return text
+    return kind(text) if kind in (int, float) else text
 
 
 def apply_settings(section: Any, settings: dict[str, str], where: str) -> Any:
