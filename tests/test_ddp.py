@@ -117,16 +117,21 @@ def test_memory_budget_must_be_positive(budget):
 
 
 def test_memory_budget_without_auto_is_an_error_not_ignored():
-    from lra_dtn.app.cli import build_parser, cli_settings
+    from lra_dtn.app.cli import build_parser
+    from lra_dtn.app.options import run_spec
 
-    parse = build_parser().parse_args
+    def spec_of(argv: list[str]):
+        return run_spec(build_parser().parse_args(argv), "listops", "transformer", "ln", 0)
+
     base = ["train", "--task", "listops", "--model", "transformer", "--memory-budget", "2"]
     with pytest.raises(ValueError, match="only with --grad-accum auto"):
-        cli_settings(parse(base))
+        spec_of(base)
     with pytest.raises(ValueError, match="only with --grad-accum auto"):
-        cli_settings(parse([*base, "--grad-accum", "4"]))
-    assert "train.grad_accum=0" in cli_settings(parse([*base, "--grad-accum", "auto"]))
-    assert cli_settings(parse([*base, "--set", "train.grad_accum=0"])) == ["train.grad_accum=0"]
+        spec_of([*base, "--grad-accum", "4"])
+    with pytest.raises(ValueError, match="only with --grad-accum auto"):  # the last word on the field counts
+        spec_of([*base, "--grad-accum", "auto", "--set", "train.grad_accum=2"])
+    auto = spec_of([*base, "--grad-accum", "auto"])
+    assert auto.train.grad_accum == 0 and auto == spec_of([*base, "--set", "train.grad_accum=0"])
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lra_dtn.config import PRECISIONS, Preset
+from lra_dtn.app.specs import make_spec
+from lra_dtn.config import PRECISIONS, Preset, RunSpec
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +78,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def cli_settings(args: argparse.Namespace) -> list[str]:
-    """The shortcut flags as ``--set`` entries, so every change flows through one path."""
-    flags = {"train.steps": args.max_steps, "train.batch_size": args.batch_size,
-             "train.grad_accum": args.grad_accum, "train.precision": args.precision}
-    settings = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.settings)
-    accum = [s.partition("=")[2] for s in settings if s.startswith("train.grad_accum=")]
-    if args.memory_budget is not None and accum[-1:] != ["0"]:
+def run_spec(args: argparse.Namespace, task: str, model: str, norm: str, seed: int) -> RunSpec:
+    """The run of (task, model, norm, seed) as the options ask: the preset, the shortcut flags
+    (``--max-steps``, ``--batch-size``, ``--grad-accum``, ``--precision``) as typed train changes, then
+    the ``--set`` entries on top (a later ``--set`` of the same field wins)."""
+    flags = {"steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+             "precision": args.precision}
+    spec = make_spec(task, model, norm, args.preset, seed, args.settings,
+                     train_changes={name: value for name, value in flags.items() if value is not None})
+    if args.memory_budget is not None and spec.train.grad_accum != 0:
         raise ValueError("--memory-budget applies only with --grad-accum auto (train.grad_accum=0)")
-    return settings
+    return spec

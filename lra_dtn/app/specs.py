@@ -65,16 +65,18 @@ def split_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 
 
 def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cpu, seed: int = 0,
-              settings: list[str] | None = None) -> RunSpec:
-    """The preset's config for (task, model), with ``section.name=value`` settings applied on top."""
+              settings: list[str] | None = None, train_changes: dict[str, Any] | None = None) -> RunSpec:
+    """The preset's config for (task, model), with typed ``train_changes`` (the CLI's shortcut flags) and
+    then ``section.name=value`` settings applied on top."""
     task_cls = TASKS.get(task)
     MODELS.get(model)
     NORMS.get(norm)
     preset = Preset(preset)
     base = task_cls().spec(preset, model)
     changes = split_settings(settings or [])
+    flagged = (base[0], dataclasses.replace(base[1], **(train_changes or {})), base[2])
     model_cfg, train_cfg, data_opts = (apply_settings(section, changes[name], name)
-                                       for section, name in zip(base, ("model", "train", "data")))
+                                       for section, name in zip(flagged, ("model", "train", "data")))
     if "max_length" in changes["data"] and "max_len" not in changes["model"]:
         # A longer or shorter data cut (e.g. Text 4000, the paper's) resizes the position table too.
         model_cfg = dataclasses.replace(model_cfg, max_len=data_opts.max_length)

@@ -27,12 +27,11 @@ from typing import Any
 
 from lra_dtn import distributed
 from lra_dtn.app import artifacts, engine, tables
-from lra_dtn.app.options import add_common, cli_settings
+from lra_dtn.app.options import add_common, run_spec
 from lra_dtn.config import RunSpec
 from lra_dtn.data import DataError
 from lra_dtn.norms import NORMS
 from lra_dtn.registry import Registry
-from lra_dtn.app.specs import make_spec
 from models import MODELS
 from tasks import TASKS
 
@@ -87,8 +86,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     models = parse_names(args.models, MODELS, "models")
     norms = parse_names(args.norms, NORMS, "norms")
     seeds = parse_seeds(args.seeds)
-    settings = cli_settings(args)
-    return [make_spec(task, model, norm, args.preset, seed, settings)
+    return [run_spec(args, task, model, norm, seed)
             for seed in seeds for task in tasks for model in models for norm in norms]
 
 
