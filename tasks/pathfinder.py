@@ -29,6 +29,7 @@ under the release's folder name; any other size or seed gets its own folder, e.g
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -341,7 +342,7 @@ class Pathfinder(Task):
         if not files:
             raise DataError(f"no metadata files {folder}/metadata/*.npy: expected {what} in {folder} "
                             f"(or delete {folder} to generate it)")
-        expected = -(-options.num_images // IMAGES_PER_BATCH)
+        expected = math.ceil(options.num_images / IMAGES_PER_BATCH)
         if not options.official and len(files) < expected:
             raise DataError(f"{folder} is incomplete: {len(files)} of {expected} metadata files; expected {what} "
                             f"(delete {folder} to generate it again)")

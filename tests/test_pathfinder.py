@@ -2,6 +2,7 @@
 seeded 80/10/10 split, generation when missing, folder names per setting, and the official configs."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def write_release(root: Path, images: list[np.ndarray | None], labels: list[int]
     with the generator's 11 fields. ``None`` writes an empty (zero-byte) PNG."""
     folder = root / "pathfinder32" / DIFFICULTY
     (folder / "metadata").mkdir(parents=True)
-    for batch in range(-(-len(images) // per_batch)):
+    for batch in range(math.ceil(len(images) / per_batch)):
         lines = []
         for i in range(per_batch):
             k = batch * per_batch + i
