@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lra_dtn.app.artifacts import atomic_file
-from lra_dtn.app.results import model_order, task_order
+from lra_dtn.app.results import model_order, run_variant, task_order
 
 FIGURE_FILE = "dtn_gates.png"
 MAX_OFFSET = 32  # the window is drawn over j - i in [-32, 32]
@@ -66,8 +66,7 @@ def dtn_groups(runs: Iterable[dict[str, Any]]) -> list[DTNGroup]:
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
         if run.get("norm_params"):
-            variant = (run.get("config") or {}).get("variant") or ""
-            key = (run["preset"], variant, run["task"], run["model"], run["norm"])
+            key = (run["preset"], run_variant(run), run["task"], run["model"], run["norm"])
             grouped.setdefault(key, []).append(run)
     groups = []
 

@@ -12,7 +12,8 @@ BASELINE_NORM = "ln"
 
 
 
-def variant_of(run: dict[str, Any]) -> str:
+def run_variant(run: dict[str, Any]) -> str:
+    """The settings variant a run JSON records (``""``: the preset itself; see ``specs.variant_hash``)."""
     return (run.get("config") or {}).get("variant") or ""
 
 
@@ -79,7 +80,7 @@ def aggregate(runs: Iterable[dict[str, Any]], missing: Iterable[dict[str, Any]] 
         return rows[key]
 
     for run in runs:
-        row = row_for(run["preset"], variant_of(run), run["task"], run["model"], run["norm"])
+        row = row_for(run["preset"], run_variant(run), run["task"], run["model"], run["norm"])
         seed = int(run["seed"])
         row.acc[seed] = 100.0 * run["test_acc"]
         if run.get("val_acc") is not None:

@@ -82,10 +82,10 @@ def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cp
         model_cfg = dataclasses.replace(model_cfg, max_len=data_opts.max_length)
     check_pooling(norm, model_cfg.pooling)
     return RunSpec(task=task, model_name=model, norm=norm, preset=preset.value, seed=seed, model=model_cfg,
-                   train=train_cfg, data=data_opts, variant=variant_of(base, (model_cfg, train_cfg, data_opts)))
+                   train=train_cfg, data=data_opts, variant=variant_hash(base, (model_cfg, train_cfg, data_opts)))
 
 
-def variant_of(base: tuple, resolved: tuple) -> str:
+def variant_hash(base: tuple, resolved: tuple) -> str:
     """``""`` when the resolved config is the preset's, else a short hash of the changed fields."""
     changed = {f"{type(b).__name__}.{k}": v for b, r in zip(base, resolved)
                for k, v in dataclasses.asdict(r).items() if getattr(b, k) != getattr(r, k)}
