@@ -148,6 +148,11 @@ class Task:
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: registers the task in :data:`TASKS` under its ``name`` (written once, in the class)."""
+    return TASKS.register(cls.name)(cls)
+
+
 def generation_workers() -> int:
     """Processes a generating ``prepare`` uses: every core, up to 8."""
     return min(os.cpu_count() or 1, 8)

@@ -27,7 +27,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import SMOKE_SHAPE, TASKS, Presets, SmallPreset, SplitLimits, Task, require, smoke_train
+from tasks.base import SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require, smoke_train
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR_URL}, unpacked into --data-dir)"
@@ -149,7 +149,7 @@ PRESETS = Presets(
     smoke=SmallPreset(model=dict(SMOKE_SHAPE, attn_dropout=0.0), train=smoke_train(OFFICIAL_TRAIN), data=SMOKE_DATA))
 
 
-@TASKS.register("image")
+@register_task
 class Image(Task):
     name = "image"
     presets = PRESETS

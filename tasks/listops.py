@@ -19,8 +19,8 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, TASKS, DataOptions, Presets, SmallPreset, Task, generation_workers,
-                        smoke_train, tsv_records)
+from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
+                        register_task, smoke_train, tsv_records)
 
 # Generator constants (LRA data/listops.py). [FIRST and [LAST exist there but are commented out.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -282,7 +282,7 @@ PRESETS = Presets(
                       train=smoke_train(OFFICIAL_TRAIN, batch_size=16), data=SMOKE_DATA))
 
 
-@TASKS.register("listops")
+@register_task
 class ListOps(Task):
     name = "listops"
     presets = PRESETS

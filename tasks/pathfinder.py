@@ -43,8 +43,8 @@ from PIL import Image
 import tasks.pathfinder_generator as pg
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (LRA_RELEASE_URL, SMOKE_SHAPE, TASKS, DataOptions, Presets, SmallPreset, Task, generation_workers,
-                        smoke_train)
+from tasks.base import (LRA_RELEASE_URL, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
+                        register_task, smoke_train)
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -371,14 +371,14 @@ class Pathfinder(Task):
         return f"{self.title} {source} with seed {options.split_seed}, {zero}"
 
 
-@TASKS.register("pathfinder")
+@register_task
 class Pathfinder32(Pathfinder):
     name = "pathfinder"
     title = "Pathfinder-32"
     presets = PF32_PRESETS
 
 
-@TASKS.register("pathx")
+@register_task
 class PathX(Pathfinder):
     name = "pathx"
     title = "Path-X (Pathfinder-128)"

@@ -22,8 +22,8 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (CPU_SHAPE, LRA_RELEASE_URL, SMOKE_SHAPE, TASKS, Presets, SmallPreset, SplitLimits, Task,
-                        require, smoke_train, tsv_records)
+from tasks.base import (CPU_SHAPE, LRA_RELEASE_URL, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task,
+                        register_task, require, smoke_train, tsv_records)
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}  # our split -> the release's suffix
@@ -93,7 +93,7 @@ PRESETS = Presets(
                       data=SMOKE_DATA))
 
 
-@TASKS.register("retrieval")
+@register_task
 class Retrieval(Task):
     name = "retrieval"
     presets = PRESETS

@@ -21,7 +21,8 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import CPU_SHAPE, SMOKE_SHAPE, TASKS, Presets, SmallPreset, SplitLimits, Task, require, smoke_train
+from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require,
+                        smoke_train)
 
 IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_WHAT = f"the Stanford IMDB release ({IMDB_URL}, unpacked into --data-dir)"
@@ -86,7 +87,7 @@ PRESETS = Presets(
                       data=SMOKE_DATA))
 
 
-@TASKS.register("text")
+@register_task
 class Text(Task):
     name = "text"
     presets = PRESETS
