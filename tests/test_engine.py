@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lra_dtn.app import engine
+from lra_dtn.app.checkpoint import RunExistsError
 from lra_dtn.app.cli import main
 from lra_dtn.config import TrainConfig
 from lra_dtn.data import collate, train_indices
@@ -61,7 +62,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
         run(tmp_path, "cut")
     assert not (tmp_path / "cut" / "runs" / full["run_id"] / "result.json").exists()
     monkeypatch.setattr(engine, "save_checkpoint", saved)
-    with pytest.raises(engine.RunExistsError, match="--resume"):
+    with pytest.raises(RunExistsError, match="--resume"):
         run(tmp_path, "cut")
     resumed = run(tmp_path, "cut", resume=True)
     for key in ("test_acc", "test_loss", "val_acc", "history", "steps"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lra_dtn.app import engine, sweep
 from lra_dtn.app.artifacts import RESULT_FILE
-from lra_dtn.app.engine import RunExistsError
+from lra_dtn.app.checkpoint import RunExistsError, run_dir
 from lra_dtn.app.options import add_common, folder_arg, non_negative_int, positive_int, run_spec
 from lra_dtn.app.specs import apply_settings
 from lra_dtn.app.tables import update_tables
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     spec = run_spec(args, args.task, args.model, args.norm, args.seed)
-    finished = args.resume and (engine.run_dir(args.out, spec) / RESULT_FILE).exists()
+    finished = args.resume and (run_dir(args.out, spec) / RESULT_FILE).exists()
     if int(os.environ.get("RANK", "0")) == 0 and not finished:  # ranks > 0 wait for rank 0 inside train
         TASKS.get(spec.task)().prepare(args.data_dir, spec.data)
     result = engine.train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,

@@ -27,6 +27,7 @@ from typing import Any
 
 from lra_dtn import distributed
 from lra_dtn.app import artifacts, engine, tables
+from lra_dtn.app.checkpoint import CHECKPOINT_FILE, run_dir
 from lra_dtn.app.options import add_common, run_spec
 from lra_dtn.config import RunSpec
 from lra_dtn.data import DataError
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace) -> None:
     for i, spec in enumerate(todo, start=1):
         if spec.task in missing:  # its data went missing while loading an earlier run
             continue
-        ckpt = engine.run_dir(out, spec) / engine.CHECKPOINT_FILE
+        ckpt = run_dir(out, spec) / CHECKPOINT_FILE
         say(f"[{i}/{len(todo)}] {spec.run_id}" + (" (resuming from its checkpoint)" if ckpt.exists() else ""))
         try:
             result = engine.train(spec, out, args.data_dir, args.cache_dir, resume=True, device=args.device,
