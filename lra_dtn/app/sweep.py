@@ -23,7 +23,6 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 from lra_dtn import distributed
 from lra_dtn.app import artifacts, engine, tables
@@ -116,17 +115,6 @@ def prepare_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
     return missing
 
 
-def broadcast(ctx: distributed.DistContext, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.group:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> None:
     """The task's markers, one per settings variant, merged with what earlier sweeps recorded there
     (another sweep of other models or seeds of the task must not drop theirs from the table)."""
@@ -162,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
 
     pending = [s for s in specs if not finished(out, s)]
     # Rank 0 prepares the data once; the other ranks take its verdict (same files).
-    missing = broadcast(ctx, prepare_data(pending, args.data_dir) if ctx.is_main else None)
+    missing = distributed.broadcast(ctx, prepare_data(pending, args.data_dir) if ctx.is_main else None)
     if ctx.is_main:
         for task in dict.fromkeys(s.task for s in specs):
             if task in missing:
