@@ -1,4 +1,12 @@
 """LRA suite comparing Dynamic Token Normalization with LayerNorm.
 
-Importing the package registers every normalizer (``dtn`` lives in its own package beside ``norms``)."""
-from lra_dtn import norms, dtn  # noqa: F401
+Three layers, each importing only from the ones below it:
+
+* the library, this package: normalizers (``norms``, ``dtn``), the registry, configs, the data cache and
+  batching, the optimizer, memory and multi-process helpers;
+* ``tasks/`` and ``models/``, built on the library;
+* the application, :mod:`lra_dtn.app`: specs, engine, sweep, results, tables, plots and the CLI.
+
+Importing the package imports nothing (no torch): the normalizers register themselves when their
+modules are imported, which ``models`` does for the encoders.
+"""

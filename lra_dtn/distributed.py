@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,15 @@ def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (any picklable object)."""
+    if not ctx.group:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown(ctx: DistContext) -> None:

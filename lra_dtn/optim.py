@@ -35,11 +35,10 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
     ``rsqrt``: lr * min(1, step/warmup) / sqrt(max(step, warmup)) (ListOps, Text, Retrieval);
     ``cosine``: lr * min(1, step/warmup) * 0.5 * (1 + cos(pi * progress)), progress from the end of
-    warmup over all training steps (image tasks). The first update has lr 0, as in the original."""
+    warmup over all training steps (image tasks). The first update has lr 0, as in the original.
+    ``TrainConfig`` admits only these two (``config.SCHEDULES``)."""
     warmup = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
     if cfg.schedule == "rsqrt":
         return cfg.lr * warmup / math.sqrt(max(step, cfg.warmup, 1))
-    if cfg.schedule == "cosine":
-        progress = max(0.0, (step - cfg.warmup) / cfg.steps)
-        return cfg.lr * warmup * max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose rsqrt or cosine")
+    progress = max(0.0, (step - cfg.warmup) / cfg.steps)
+    return cfg.lr * warmup * max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lra_dtn.config import ModelConfig
-from lra_dtn.norms import build_norm, check_pooling
+from lra_dtn.norms import build_norm, check_pooling, masked_token_mean
 from lra_dtn.registry import Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
@@ -134,13 +134,10 @@ class Encoder(nn.Module):
 def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
     """``cls``: the prepended CLS token; ``first``: position 0 of the sequence itself (what the official
     dual encoder's "CLS" reads, having no CLS token); ``mean``: over real tokens only (the official MEAN
-    also counts padding)."""
-    if mode in ("cls", "first"):
-        return x[:, 0]
+    also counts padding). ``ModelConfig`` admits only these (``config.POOLINGS``)."""
     if mode == "mean":
-        weights = mask.to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
+        return masked_token_mean(x, mask).squeeze(1)
+    return x[:, 0]
 
 
 #: JAX's truncated normal is cut at 2 standard deviations and rescaled so its std is the one asked for.

@@ -96,7 +96,7 @@ class ReformerAttention(nn.Module):
         self.faithful = cfg.reformer_faithful
         self.bucket_size = math.ceil(cfg.encoder_length / cfg.n_buckets)
         # LSHAttention needs a multiple of 2 buckets (its rotations give +-projections in pairs).
-        self.canonical_len = -(-cfg.encoder_length // (2 * self.bucket_size)) * 2 * self.bucket_size
+        self.canonical_len = math.ceil(cfg.encoder_length / (2 * self.bucket_size)) * 2 * self.bucket_size
         self.lsh = SeededLSHAttention(
             rotation_seed=seed * 1_000_003 + layer, fixed_in_training=cfg.reformer_faithful,
             dropout=cfg.attn_dropout, bucket_size=self.bucket_size, n_hashes=cfg.n_hashes, causal=False,

@@ -1,15 +1,18 @@
 """What every task module provides, and the registry that ``--task`` picks from.
 
 A task module (``tasks/<name>.py``) defines one :class:`Task` subclass registered in :data:`TASKS`.
-It holds the task's official LRA config (cited), derives the ``cpu`` and ``smoke`` presets from it,
-knows where its files live under ``--data-dir``, reads and tokenizes them exactly as the official
-pipeline, and, for ListOps and Pathfinder, can generate them.
+It states its three presets once, as one :class:`Presets` (the official LRA config, cited, and the
+``cpu`` and ``smoke`` presets as changes to it), knows where its files live under ``--data-dir``,
+makes them present in :meth:`Task.prepare` (ListOps and Pathfinder generate them), and reads and
+tokenizes them exactly as the official pipeline. Data flows one way: the commands call ``prepare``
+before training; ``load`` (the engine's) only reads.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError, cached_splits, file_fingerprint
@@ -46,21 +49,74 @@ class SplitLimits(DataOptions):
         return ", first " + "/".join("all" if n is None else str(n) for n in limits) + " train/val/test"
 
 
+#: The LRA release (a gzipped tar; its folders sit under lra_release/lra_release/): ListOps, Retrieval and
+#: Pathfinder files.
+LRA_RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
+
+# The encoder shapes of the small presets: ``cpu`` learns on 2 cores in minutes, ``smoke`` runs in
+# seconds. Everything else (vocabulary, pooling, positions) stays official; tasks change what they must.
+CPU_SHAPE = dict(num_layers=2, emb_dim=64, qkv_dim=64, mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0)
+SMOKE_SHAPE = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4)
+
+
+def smoke_train(official: TrainConfig, batch_size: int = 8) -> TrainConfig:
+    """The ``smoke`` loop of every task: 20 steps, evaluated and checkpointed twice."""
+    return replace(official, batch_size=batch_size, steps=20, warmup=5, eval_every=10, checkpoint_every=10)
+
+
+@dataclass(frozen=True)
+class SmallPreset:
+    """The ``cpu`` or ``smoke`` preset of a task: changes to each encoder's official model config, and
+    its own training loop and data options."""
+
+    model: Mapping[str, Any]
+    train: TrainConfig
+    data: DataOptions
+
+
+@dataclass(frozen=True)
+class Presets:
+    """A task's three presets, each stated once in its module. ``models`` holds the official model
+    config per encoder where the LRA release has one; an encoder without gets the Transformer's."""
+
+    models: Mapping[str, ModelConfig]
+    train: TrainConfig
+    data: DataOptions
+    cpu: SmallPreset
+    smoke: SmallPreset
+
+    def resolve(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, DataOptions]:
+        """The model, training and data config of ``preset`` for encoder ``model``."""
+        official = self.models.get(model, self.models["transformer"])
+        if preset == Preset.official:
+            return official, self.train, self.data
+        small: SmallPreset = getattr(self, Preset(preset).value)
+        return replace(official, **small.model), small.train, small.data
+
+
 class Task:
     """Base class of the tasks. Subclasses set the class attributes and implement the methods."""
 
     name: ClassVar[str]
+    presets: ClassVar[Presets]
     dual: ClassVar[bool] = False  # two documents per example (Retrieval)
     generated: ClassVar[bool] = False  # can write its own data (ListOps, Pathfinder)
     tokenizer_version: ClassVar[int] = 1  # bump when tokenization changes: invalidates caches
 
     def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, DataOptions]:
         """The model, training and data config of ``preset`` for encoder ``model``."""
-        raise NotImplementedError
+        return self.presets.resolve(preset, model)
+
+    def prepare(self, data_dir: Path, options: DataOptions) -> list[Path]:
+        """Make the task's files present under ``data_dir`` and return them; the commands call this
+        before training, once per data setting. Generating tasks write what is missing (and say so);
+        here, the files are only checked, and a :class:`DataError` names what is missing and where it
+        comes from. A download step plugs in here: fetch what :meth:`source_files` finds missing."""
+        return self.source_files(Path(data_dir), options)
 
     def source_files(self, data_dir: Path, options: DataOptions) -> list[Path]:
         """The raw files the splits are read from; raises :class:`DataError` naming what is missing
-        and where it comes from. Generating tasks create missing data here instead."""
+        and where it comes from. Never writes anything (that is :meth:`prepare`)."""
         raise NotImplementedError
 
     def read(self, data_dir: Path, options: DataOptions) -> dict[str, Iterable[dict[str, Any]]]:
@@ -77,7 +133,8 @@ class Task:
         return "official"
 
     def load(self, data_dir: Path, options: DataOptions, cache_dir: Path) -> dict[str, Any]:
-        """Tokenized splits, from the cache when every parameter and source file is unchanged."""
+        """Tokenized splits, from the cache when every parameter and source file is unchanged. Reads
+        only: the files must be there (:meth:`prepare`)."""
         sources = self.source_files(Path(data_dir), options)
         params = {
             "task": self.name,
@@ -90,34 +147,15 @@ class Task:
 
 TASKS: Registry[type[Task]] = Registry("task")
 
-# The encoder shapes of the small presets, shared by the sequence tasks: ``cpu`` learns on 2 cores in
-# minutes, ``smoke`` runs in seconds. Everything else (vocabulary, pooling, positions) stays official.
-PRESET_SHAPES = {
-    Preset.cpu: dict(num_layers=2, emb_dim=64, qkv_dim=64, mlp_dim=128, num_heads=4, dropout=0.0, attn_dropout=0.0),
-    Preset.smoke: dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4),
-}
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: registers the task in :data:`TASKS` under its ``name`` (written once, in the class)."""
+    return TASKS.register(cls.name)(cls)
 
 
-def small_model(official: ModelConfig, preset: Preset, max_len: int) -> ModelConfig:
-    """The official config shrunk to the ``cpu`` or ``smoke`` shape, for sequences up to ``max_len``."""
-    return replace(official, max_len=max_len, **PRESET_SHAPES[preset])
-
-
-def smoke_train(official: TrainConfig, batch_size: int = 8) -> TrainConfig:
-    """The ``smoke`` loop of every task: 20 steps, evaluated and checkpointed twice."""
-    return replace(official, batch_size=batch_size, steps=20, warmup=5, eval_every=10, checkpoint_every=10)
-
-
-def shrunk_presets(preset: Preset, model: ModelConfig, train: TrainConfig, data: DataOptions,
-                   cpu_train: TrainConfig, cpu_data: DataOptions, smoke_data: DataOptions
-                   ) -> tuple[ModelConfig, TrainConfig, DataOptions]:
-    """``preset`` of a task whose small presets shrink the encoder (:func:`small_model`) to the length
-    their data options cut at (``max_length``): Text and Retrieval."""
-    if preset == Preset.official:
-        return model, train, data
-    if preset == Preset.cpu:
-        return small_model(model, preset, cpu_data.max_length), cpu_train, cpu_data
-    return small_model(model, preset, smoke_data.max_length), smoke_train(train), smoke_data
+def generation_workers() -> int:
+    """Processes a generating ``prepare`` uses: every core, up to 8."""
+    return min(os.cpu_count() or 1, 8)
 
 
 def tsv_records(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, smoke_train
+from tasks.base import SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require, smoke_train
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR_URL}, unpacked into --data-dir)"
@@ -139,26 +139,20 @@ OFFICIAL_MODELS = {
 # smoke: a few dozen images, seconds.
 CPU_DATA = ImageData(max_val=1_000)
 SMOKE_DATA = ImageData(max_train=32, max_val=16, max_test=16)
+PRESETS = Presets(
+    models=OFFICIAL_MODELS, train=OFFICIAL_TRAIN, data=ImageData(),
+    cpu=SmallPreset(model=dict(num_heads=2, dropout=0.0, attn_dropout=0.0),
+                    train=replace(OFFICIAL_TRAIN, batch_size=16, steps=1000, lr=1e-3, warmup=100, eval_every=250,
+                                  checkpoint_every=250),
+                    data=CPU_DATA),
+    # No attention dropout in smoke: drawing it over the 1025^2 matrix is 80% of a CPU step.
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, attn_dropout=0.0), train=smoke_train(OFFICIAL_TRAIN), data=SMOKE_DATA))
 
 
-@TASKS.register("image")
+@register_task
 class Image(Task):
     name = "image"
-
-    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, ImageData]:
-        # An encoder without an official CIFAR config of its own gets the Transformer's.
-        official = OFFICIAL_MODELS.get(model, TRANSFORMER)
-        if preset == Preset.official:
-            return official, OFFICIAL_TRAIN, ImageData()
-        if preset == Preset.cpu:
-            return (replace(official, num_heads=2, dropout=0.0, attn_dropout=0.0),
-                    replace(OFFICIAL_TRAIN, batch_size=16, steps=1000, lr=1e-3, warmup=100, eval_every=250,
-                            checkpoint_every=250),
-                    CPU_DATA)
-        # No attention dropout in smoke: drawing it over the 1025^2 matrix is 80% of a CPU step.
-        return (replace(official, num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4, attn_dropout=0.0),
-                smoke_train(OFFICIAL_TRAIN),
-                SMOKE_DATA)
+    presets = PRESETS
 
     def folder(self, data_dir: Path) -> Path:
         return Path(data_dir) / "cifar-10-batches-py"

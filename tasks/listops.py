@@ -17,9 +17,10 @@ from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 
-from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task, small_model, smoke_train, tsv_records
+from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
+                        register_task, smoke_train, tsv_records)
 
 # Generator constants (LRA data/listops.py). [FIRST and [LAST exist there but are commented out.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -271,24 +272,21 @@ OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt
 # cores in minutes. smoke: seconds, for CI.
 CPU_DATA = ListOpsData(num_train=20_000, num_val=500, num_test=1_000, min_length=20, max_length=100, max_depth=6)
 SMOKE_DATA = ListOpsData(num_train=256, num_val=64, num_test=64, min_length=10, max_length=40, max_depth=4)
+PRESETS = Presets(
+    models={"transformer": OFFICIAL_MODEL}, train=OFFICIAL_TRAIN, data=ListOpsData(),
+    cpu=SmallPreset(model=dict(CPU_SHAPE, max_len=CPU_DATA.max_length),
+                    train=replace(OFFICIAL_TRAIN, batch_size=32, steps=2000, lr=0.05, warmup=200, eval_every=200,
+                                  checkpoint_every=200),
+                    data=CPU_DATA),
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, max_len=SMOKE_DATA.max_length),
+                      train=smoke_train(OFFICIAL_TRAIN, batch_size=16), data=SMOKE_DATA))
 
 
-@TASKS.register("listops")
+@register_task
 class ListOps(Task):
     name = "listops"
+    presets = PRESETS
     generated = True
-
-    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, ListOpsData]:
-        if preset == Preset.official:
-            return OFFICIAL_MODEL, OFFICIAL_TRAIN, ListOpsData()
-        if preset == Preset.cpu:
-            return (small_model(OFFICIAL_MODEL, preset, CPU_DATA.max_length),
-                    replace(OFFICIAL_TRAIN, batch_size=32, steps=2000, lr=0.05, warmup=200, eval_every=200,
-                            checkpoint_every=200),
-                    CPU_DATA)
-        return (small_model(OFFICIAL_MODEL, preset, SMOKE_DATA.max_length),
-                smoke_train(OFFICIAL_TRAIN, batch_size=16),
-                SMOKE_DATA)
 
     def generate(self, out_dir: Path, options: ListOpsData, workers: int = 1) -> Path:
         return generate(out_dir, options, workers)
@@ -296,13 +294,21 @@ class ListOps(Task):
     def folder(self, data_dir: Path, options: ListOpsData) -> Path:
         return Path(data_dir) / options.folder
 
+    def prepare(self, data_dir: Path, options: ListOpsData) -> list[Path]:
+        """Generates the folder when it is missing (the default on a fresh machine)."""
+        folder = self.folder(data_dir, options)
+        if not folder.exists():
+            print(f"[listops] {folder} not found: generating {options.num_train}/{options.num_val}/"
+                  f"{options.num_test} examples there (seed {options.seed}); this is done once.", flush=True)
+            generate(folder, options, workers=generation_workers())
+        return self.source_files(data_dir, options)
+
     def source_files(self, data_dir: Path, options: ListOpsData) -> list[Path]:
         folder = self.folder(data_dir, options)
         files = [folder / f"basic_{split}.tsv" for split in ("train", "val", "test")]
         if not folder.exists():
-            print(f"[listops] {folder} not found: generating {options.num_train}/{options.num_val}/"
-                  f"{options.num_test} examples there (seed {options.seed}); this is done once.", flush=True)
-            generate(folder, options, workers=min(os.cpu_count() or 1, 8))
+            raise DataError(f"missing {folder}: expected the LRA release's listops-1000/ files or generated ones "
+                            "(the train and sweep commands generate it)")
         for f in files:
             if not f.exists():
                 raise DataError(f"missing {f}: expected the LRA release file listops-1000/{f.name} "

@@ -1,5 +1,5 @@
 """Pathfinder-32 "hard" (LRA "Pathfinder") and Pathfinder-128 "hard" (LRA "Path-X"): reading,
-tokenizing and generating. One task class, parameterised by a :class:`Level`, is registered twice.
+tokenizing and generating. One task class is registered twice, once per image size with its presets.
 
 Files (spec §2.5, §2.6): ``<data-dir>/pathfinder32/curv_contour_length_14/`` (Path-X:
 ``pathfinder128/...``), the LRA release's ``lra_release/lra_release/pathfinder32/curv_contour_length_14/``:
@@ -29,20 +29,22 @@ under the release's folder name; any other size or seed gets its own folder, e.g
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 import tasks.pathfinder_generator as pg
-from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, DataOptions, Task, smoke_train
+from tasks.base import (LRA_RELEASE_URL, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
+                        register_task, smoke_train)
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -110,12 +112,9 @@ class PathfinderData(DataOptions):
 # Reading and tokenizing
 
 
-RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
-
-
 def release_name(options: PathfinderData) -> str:
     """Where the official files sit inside the LRA archive (spec §1)."""
-    return f"lra_release/lra_release/pathfinder{options.image_size}/{options.params.difficulty} of {RELEASE_URL}"
+    return f"lra_release/lra_release/pathfinder{options.image_size}/{options.params.difficulty} of {LRA_RELEASE_URL}"
 
 
 def metadata_files(folder: Path) -> list[Path]:
@@ -245,25 +244,6 @@ def generation_message(folder: Path, options: PathfinderData, workers: int) -> s
 # The task and its configs
 
 
-@dataclass(frozen=True)
-class Level:
-    """Everything that differs between Pathfinder-32 and Path-X: image size and configs.
-
-    ``official_models`` maps an encoder to its official model config; an encoder without one gets the
-    Transformer's. The cpu and smoke model configs are the official one with ``*_model_changes``."""
-
-    title: str
-    data: PathfinderData  # the official data options
-    official_models: Mapping[str, ModelConfig]
-    official_train: TrainConfig
-    cpu_model_changes: Mapping[str, Any]
-    cpu_train: TrainConfig
-    cpu_data: PathfinderData
-    smoke_model_changes: Mapping[str, Any]
-    smoke_train: TrainConfig
-    smoke_data: PathfinderData
-
-
 # Pathfinder-32: LRA image/configs/pathfinder32/base_pathfinder32_config.py (200 epochs of 160,000 // 512
 # = 312 steps, warmup one epoch, cosine over all steps, eval once per epoch, wd 0, no clipping, MEAN
 # pooling, sinusoidal positions, attention dropout 0.1) with each model's file on top (spec §7.1, §7.3, §7.4).
@@ -307,7 +287,6 @@ PF32_CPU_TRAIN = replace(PF32_TRAIN, batch_size=32, steps=450, lr=2e-3, warmup=4
                          checkpoint_every=150)
 # smoke: a few dozen images (about a second to generate), a few steps.
 PF32_SMOKE_DATA = PathfinderData(num_images=40)
-SMOKE_MODEL = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=2)
 PF32_SMOKE_TRAIN = smoke_train(PF32_TRAIN)
 
 # cpu (Path-X): 16,384 tokens. PyTorch's CPU attention kernel keeps memory linear in the length; a training
@@ -321,31 +300,21 @@ PATHX_CPU_TRAIN = replace(PATHX_TRAIN, batch_size=4, steps=50, warmup=5, eval_ev
 PATHX_SMOKE_DATA = PathfinderData(image_size=128, num_images=10)  # about a second to generate
 PATHX_SMOKE_TRAIN = replace(PATHX_TRAIN, batch_size=1, steps=2, warmup=1, eval_every=2, checkpoint_every=2)
 
-PATHFINDER = Level(
-    title="Pathfinder-32", data=PathfinderData(), official_models=PF32_MODELS, official_train=PF32_TRAIN,
-    cpu_model_changes=PF32_CPU_MODEL, cpu_train=PF32_CPU_TRAIN, cpu_data=PF32_CPU_DATA,
-    smoke_model_changes=SMOKE_MODEL, smoke_train=PF32_SMOKE_TRAIN, smoke_data=PF32_SMOKE_DATA)
-PATH_X = Level(
-    title="Path-X (Pathfinder-128)", data=PathfinderData(image_size=128),
-    official_models={"transformer": PATHX_TRANSFORMER}, official_train=PATHX_TRAIN,
-    cpu_model_changes=PATHX_CPU_MODEL, cpu_train=PATHX_CPU_TRAIN, cpu_data=PATHX_CPU_DATA,
-    smoke_model_changes=dict(SMOKE_MODEL, num_heads=1), smoke_train=PATHX_SMOKE_TRAIN, smoke_data=PATHX_SMOKE_DATA)
+PF32_PRESETS = Presets(
+    models=PF32_MODELS, train=PF32_TRAIN, data=PathfinderData(),
+    cpu=SmallPreset(model=PF32_CPU_MODEL, train=PF32_CPU_TRAIN, data=PF32_CPU_DATA),
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, num_heads=2), train=PF32_SMOKE_TRAIN, data=PF32_SMOKE_DATA))
+PATHX_PRESETS = Presets(
+    models={"transformer": PATHX_TRANSFORMER}, train=PATHX_TRAIN, data=PathfinderData(image_size=128),
+    cpu=SmallPreset(model=PATHX_CPU_MODEL, train=PATHX_CPU_TRAIN, data=PATHX_CPU_DATA),
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, num_heads=1), train=PATHX_SMOKE_TRAIN, data=PATHX_SMOKE_DATA))
 
 
 class Pathfinder(Task):
-    """The Pathfinder task at one :class:`Level`; subclasses only pick the level and the name."""
+    """The Pathfinder task at one image size; subclasses only pick the presets, the title and the name."""
 
-    level: ClassVar[Level]
+    title: ClassVar[str]
     generated = True
-
-    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, PathfinderData]:
-        level = self.level
-        official = level.official_models.get(model, level.official_models["transformer"])
-        if preset == Preset.official:
-            return official, level.official_train, level.data
-        if preset == Preset.cpu:
-            return replace(official, **level.cpu_model_changes), level.cpu_train, level.cpu_data
-        return replace(official, **level.smoke_model_changes), level.smoke_train, level.smoke_data
 
     def folder(self, data_dir: Path, options: PathfinderData) -> Path:
         return Path(data_dir) / options.folder
@@ -354,21 +323,26 @@ class Pathfinder(Task):
         """``out_dir`` is the dataset root (e.g. ``DATA/pathfinder32``); writes ``out_dir/<difficulty>/``."""
         return generate(out_dir, options, workers)
 
-    def source_files(self, data_dir: Path, options: PathfinderData) -> list[Path]:
-        """The metadata files and every PNG under ``imgs/`` (an edited image must rebuild the cache; the
-        200,000 ``stat`` calls of the release take about 2 s). Generates the folder when it is missing."""
+    def prepare(self, data_dir: Path, options: PathfinderData) -> list[Path]:
+        """Generates the folder when it is missing (the default on a fresh machine)."""
         folder = self.folder(data_dir, options)
         if not folder.exists():
-            workers = min(os.cpu_count() or 1, 8)
+            workers = generation_workers()
             print(f"[{self.name}] {generation_message(folder, options, workers)}", flush=True)
             generate(folder.parent, options, workers)
+        return self.source_files(data_dir, options)
+
+    def source_files(self, data_dir: Path, options: PathfinderData) -> list[Path]:
+        """The metadata files and every PNG under ``imgs/`` (an edited image must rebuild the cache; the
+        200,000 ``stat`` calls of the release take about 2 s)."""
+        folder = self.folder(data_dir, options)
         files = metadata_files(folder)
         what = (f"the LRA release's {release_name(options)}/ (metadata/*.npy and imgs/*/sample_*.png)"
                 if options.official else f"{options.num_images} images generated with seed {options.seed}")
         if not files:
             raise DataError(f"no metadata files {folder}/metadata/*.npy: expected {what} in {folder} "
                             f"(or delete {folder} to generate it)")
-        expected = -(-options.num_images // IMAGES_PER_BATCH)
+        expected = math.ceil(options.num_images / IMAGES_PER_BATCH)
         if not options.official and len(files) < expected:
             raise DataError(f"{folder} is incomplete: {len(files)} of {expected} metadata files; expected {what} "
                             f"(delete {folder} to generate it again)")
@@ -394,16 +368,18 @@ class Pathfinder(Task):
             source = (f"generated {options.folder}: {options.num_images:,} images (seed {options.seed}), split "
                       f"{options.num_images - 2 * held_out}/{held_out}/{held_out}")
         zero = "pixel 0 masked as padding (official quirk)" if options.mask_zero_tokens else "pixel 0 a real token"
-        return f"{self.level.title} {source} with seed {options.split_seed}, {zero}"
+        return f"{self.title} {source} with seed {options.split_seed}, {zero}"
 
 
-@TASKS.register("pathfinder")
+@register_task
 class Pathfinder32(Pathfinder):
     name = "pathfinder"
-    level = PATHFINDER
+    title = "Pathfinder-32"
+    presets = PF32_PRESETS
 
 
-@TASKS.register("pathx")
+@register_task
 class PathX(Pathfinder):
     name = "pathx"
-    level = PATH_X
+    title = "Path-X (Pathfinder-128)"
+    presets = PATHX_PRESETS

@@ -20,12 +20,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets, tsv_records
+from tasks.base import (CPU_SHAPE, LRA_RELEASE_URL, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task,
+                        register_task, require, smoke_train, tsv_records)
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
-LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}  # our split -> the release's suffix
 DOC_BYTES = 10_000  # the official cut before encoding
 HEADS = {"concat": "[u, v] (official)", "nli": "[u, v, u*v, u-v] (NLI, common reimplementation)"}
@@ -86,20 +86,23 @@ OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=5000, lr=0.05, schedule="rsqrt
 CPU_DATA = RetrievalData(max_length=256, max_val=1_000, max_test=5_000)
 CPU_TRAIN = replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200)
 SMOKE_DATA = RetrievalData(max_length=64, max_train=32, max_val=16, max_test=16)
+PRESETS = Presets(
+    models={"transformer": OFFICIAL_MODEL}, train=OFFICIAL_TRAIN, data=RetrievalData(),
+    cpu=SmallPreset(model=dict(CPU_SHAPE, max_len=CPU_DATA.max_length), train=CPU_TRAIN, data=CPU_DATA),
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, max_len=SMOKE_DATA.max_length), train=smoke_train(OFFICIAL_TRAIN),
+                      data=SMOKE_DATA))
 
 
-@TASKS.register("retrieval")
+@register_task
 class Retrieval(Task):
     name = "retrieval"
+    presets = PRESETS
     dual = True
     tokenizer_version = 2  # 2: \r ends a record (as CsvDataset), no longer a token; length = the longer document
 
-    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, RetrievalData]:
-        return shrunk_presets(preset, OFFICIAL_MODEL, OFFICIAL_TRAIN, RetrievalData(), CPU_TRAIN, CPU_DATA, SMOKE_DATA)
-
     def source_files(self, data_dir: Path, options: RetrievalData) -> list[Path]:
         return [require(pair_file(data_dir, split), f"the LRA release file lra_release/tsv_data/"
-                        f"{pair_file(data_dir, split).name} ({LRA_URL}; tar xvf it and copy or link "
+                        f"{pair_file(data_dir, split).name} ({LRA_RELEASE_URL}; tar xvf it and copy or link "
                         f"lra_release/lra_release/tsv_data into --data-dir)")
                 for split in SPLIT_FILES]
 

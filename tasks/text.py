@@ -19,9 +19,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from lra_dtn.config import ModelConfig, Preset, TrainConfig
+from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import TASKS, SplitLimits, Task, require, shrunk_presets
+from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require,
+                        smoke_train)
 
 IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_WHAT = f"the Stanford IMDB release ({IMDB_URL}, unpacked into --data-dir)"
@@ -79,14 +80,17 @@ OFFICIAL_TRAIN = TrainConfig(batch_size=32, steps=20_000, lr=0.05, schedule="rsq
 CPU_DATA = TextData(max_length=512, max_val=1_000, max_test=5_000)
 CPU_TRAIN = replace(OFFICIAL_TRAIN, steps=800, warmup=200, eval_every=200, checkpoint_every=200)
 SMOKE_DATA = TextData(max_length=64, max_train=32, max_val=16, max_test=16)
+PRESETS = Presets(
+    models={"transformer": OFFICIAL_MODEL}, train=OFFICIAL_TRAIN, data=TextData(),
+    cpu=SmallPreset(model=dict(CPU_SHAPE, max_len=CPU_DATA.max_length), train=CPU_TRAIN, data=CPU_DATA),
+    smoke=SmallPreset(model=dict(SMOKE_SHAPE, max_len=SMOKE_DATA.max_length), train=smoke_train(OFFICIAL_TRAIN),
+                      data=SMOKE_DATA))
 
 
-@TASKS.register("text")
+@register_task
 class Text(Task):
     name = "text"
-
-    def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, TextData]:
-        return shrunk_presets(preset, OFFICIAL_MODEL, OFFICIAL_TRAIN, TextData(), CPU_TRAIN, CPU_DATA, SMOKE_DATA)
+    presets = PRESETS
 
     def source_files(self, data_dir: Path, options: TextData) -> list[Path]:
         return [f for split in ("train", "test") for files in review_files(data_dir, split).values() for f in files]

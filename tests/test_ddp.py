@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lra_dtn import engine
-from lra_dtn.specs import make_spec
+from lra_dtn.app import engine
+from lra_dtn.app.specs import make_spec
 from tasks import TASKS
 from tasks.listops import SMOKE_DATA
 
@@ -32,6 +32,7 @@ def spec(*settings: str):
 
 
 def train_here(tmp_path: Path, name: str, *settings: str) -> dict:
+    TASKS.get("listops")().prepare(tmp_path / "data", spec(*settings).data)
     return engine.train(spec(*settings), tmp_path / name, tmp_path / "data", progress=False, device="cpu")
 
 
@@ -88,6 +89,7 @@ def test_auto_grad_accum_picks_the_first_fitting_split_and_leaves_no_trace(tmp_p
         return 10**12 if len(probes) <= 2 else 0
 
     monkeypatch.setattr(engine, "step_peak_bytes", fake_peak)
+    TASKS.get("listops")().prepare(tmp_path / "data", SMOKE_DATA)
     auto = engine.train(spec("train.grad_accum=0", "model.dropout=0.1"), tmp_path / "auto", tmp_path / "data",
                         progress=False, device="cpu", memory_budget_gb=1.0)
     assert len(probes) == 3 and auto["grad_accum"] == 4
@@ -97,7 +99,7 @@ def test_auto_grad_accum_picks_the_first_fitting_split_and_leaves_no_trace(tmp_p
 
 
 def test_grad_accum_flag_takes_auto_and_rejects_zero():
-    from lra_dtn.cli import build_parser
+    from lra_dtn.app.cli import build_parser
 
     parse = build_parser().parse_args
     assert parse(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "auto"]).grad_accum == 0
@@ -107,7 +109,7 @@ def test_grad_accum_flag_takes_auto_and_rejects_zero():
 
 @pytest.mark.parametrize("budget", ["0", "-1", "lots"])
 def test_memory_budget_must_be_positive(budget):
-    from lra_dtn.cli import build_parser
+    from lra_dtn.app.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--task", "listops", "--model", "transformer", "--grad-accum", "auto",
@@ -115,16 +117,21 @@ def test_memory_budget_must_be_positive(budget):
 
 
 def test_memory_budget_without_auto_is_an_error_not_ignored():
-    from lra_dtn.cli import build_parser, cli_settings
+    from lra_dtn.app.cli import build_parser
+    from lra_dtn.app.options import run_spec
 
-    parse = build_parser().parse_args
+    def spec_of(argv: list[str]):
+        return run_spec(build_parser().parse_args(argv), "listops", "transformer", "ln", 0)
+
     base = ["train", "--task", "listops", "--model", "transformer", "--memory-budget", "2"]
     with pytest.raises(ValueError, match="only with --grad-accum auto"):
-        cli_settings(parse(base))
+        spec_of(base)
     with pytest.raises(ValueError, match="only with --grad-accum auto"):
-        cli_settings(parse([*base, "--grad-accum", "4"]))
-    assert "train.grad_accum=0" in cli_settings(parse([*base, "--grad-accum", "auto"]))
-    assert cli_settings(parse([*base, "--set", "train.grad_accum=0"])) == ["train.grad_accum=0"]
+        spec_of([*base, "--grad-accum", "4"])
+    with pytest.raises(ValueError, match="only with --grad-accum auto"):  # the last word on the field counts
+        spec_of([*base, "--grad-accum", "auto", "--set", "train.grad_accum=2"])
+    auto = spec_of([*base, "--grad-accum", "auto"])
+    assert auto.train.grad_accum == 0 and auto == spec_of([*base, "--set", "train.grad_accum=0"])
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):

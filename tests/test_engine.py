@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from lra_dtn import engine
-from lra_dtn.cli import main
+from lra_dtn.app import engine
+from lra_dtn.app.checkpoint import RunExistsError
+from lra_dtn.app.cli import main
 from lra_dtn.config import TrainConfig
 from lra_dtn.data import collate, train_indices
 from lra_dtn.optim import build_optimizer, learning_rate, param_groups
-from lra_dtn.specs import make_spec
+from lra_dtn.app.specs import make_spec
 from models import build_model
 from tasks import TASKS
 
@@ -26,6 +27,7 @@ def smoke_spec(*extra: str, norm: str = "ln"):
 
 def test_loss_goes_down_on_a_tiny_task(tmp_path):
     spec = smoke_spec()
+    TASKS.get("listops")().prepare(tmp_path / "data", spec.data)
     splits = TASKS.get("listops")().load(tmp_path / "data", spec.data, tmp_path / "cache")
     batch = collate(splits["train"], train_indices(0, len(splits["train"]), 16, 0))
     torch.manual_seed(0)
@@ -42,6 +44,7 @@ def test_loss_goes_down_on_a_tiny_task(tmp_path):
 
 
 def run(tmp_path, name, **kwargs):
+    TASKS.get("listops")().prepare(tmp_path / "data", smoke_spec().data)
     return engine.train(smoke_spec(), tmp_path / name, tmp_path / "data", tmp_path / "cache", progress=False,
                         **kwargs)
 
@@ -59,7 +62,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
         run(tmp_path, "cut")
     assert not (tmp_path / "cut" / "runs" / full["run_id"] / "result.json").exists()
     monkeypatch.setattr(engine, "save_checkpoint", saved)
-    with pytest.raises(engine.RunExistsError, match="--resume"):
+    with pytest.raises(RunExistsError, match="--resume"):
         run(tmp_path, "cut")
     resumed = run(tmp_path, "cut", resume=True)
     for key in ("test_acc", "test_loss", "val_acc", "history", "steps"):
@@ -71,13 +74,13 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert run(tmp_path, "cut", resume=True)["test_loss"] == full["test_loss"]
 
 
-def test_a_run_writes_its_json_and_table(tmp_path):
+def test_a_run_writes_its_json_and_no_table(tmp_path):
     result = run(tmp_path, "out")
     saved = json.loads((tmp_path / "out" / "runs" / result["run_id"] / "result.json").read_text())
     assert saved["test_n"] == 24 and saved["steps"] == 8 and len(saved["history"]) == 2
     assert saved["config"]["train"]["steps"] == 8 and saved["params"] > 0 and saved["sec_per_step"] > 0
     assert "torch" in saved["versions"]
-    assert (tmp_path / "out" / "results.csv").read_text().count("\n") >= 2
+    assert not (tmp_path / "out" / "results.csv").exists()  # tables are the commands' job (train, sweep, table)
     assert list((tmp_path / "out" / "tb" / result["run_id"]).glob("events.out.tfevents.*"))
     assert run(tmp_path, "again")["test_loss"] == result["test_loss"]  # same seed, same numbers
 
@@ -193,3 +196,19 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys
         main(["--task", "listops", "--model", "transformer", "--out", str(tmp_path)])
     assert exit_info.value.code == 130
     assert "interrupted: the last checkpoint is kept; the same command with --resume" in capsys.readouterr().err
+
+
+def test_set_values_take_the_field_type():
+    """``--set`` text becomes the field's type: int, float, optional (``none``), bool, a float tuple, str."""
+    from lra_dtn.app.specs import apply_settings
+    from tasks.pathfinder import PathfinderData
+
+    train = apply_settings(smoke_spec().train, {"steps": "7", "lr": "1e-3", "grad_clip": "none", "betas": "0.9,0.95",
+                                                "precision": "bf16"}, "train")
+    assert (train.steps, train.lr, train.grad_clip, train.betas, train.precision) == (7, 1e-3, None, (0.9, 0.95), "bf16")
+    assert apply_settings(train, {"grad_clip": "0.5"}, "train").grad_clip == 0.5
+    data = apply_settings(PathfinderData(), {"distractors": "0", "mask_zero_tokens": "true"}, "data")
+    assert data.distractors == 0 and data.distractors is not False and data.mask_zero_tokens is True
+    for name, text in (("steps", "none"), ("steps", "1.5"), ("grad_clip", "big")):
+        with pytest.raises(ValueError, match=f"--set train.{name}={text}"):
+            apply_settings(train, {name: text}, "train")

@@ -129,8 +129,11 @@ def test_reader_truncates_and_labels(tmp_path):
 def test_generated_files_load_through_the_task_and_cache(tmp_path, capsys):
     options = ListOpsData(num_train=40, num_val=10, num_test=12, min_length=5, max_length=30, max_depth=4)
     task = ListOps()
-    splits = task.load(tmp_path / "data", options, tmp_path / "cache")
+    with pytest.raises(DataError, match="the train and sweep commands generate it"):
+        task.load(tmp_path / "data", options, tmp_path / "cache")  # reading never writes data
+    task.prepare(tmp_path / "data", options)
     assert "generating 40/10/12" in capsys.readouterr().out
+    splits = task.load(tmp_path / "data", options, tmp_path / "cache")
     assert {k: len(v) for k, v in splits.items()} == {"train": 40, "val": 10, "test": 12}
     folder = tmp_path / "data" / options.folder
     first = (folder / "basic_train.tsv").read_text().splitlines()[1].split("\t")
@@ -138,7 +141,8 @@ def test_generated_files_load_through_the_task_and_cache(tmp_path, capsys):
     assert list(row["input_ids"]) == encode(first[0]) and row["label"] == int(first[1])
     assert row["length"] == len(encode(first[0]))
     caches = sorted((tmp_path / "cache").iterdir())
-    task.load(tmp_path / "data", options, tmp_path / "cache")  # second run: same cache, no regeneration
+    task.prepare(tmp_path / "data", options)  # second run: no regeneration, the same cache
+    task.load(tmp_path / "data", options, tmp_path / "cache")
     assert sorted((tmp_path / "cache").iterdir()) == caches and "generating" not in capsys.readouterr().out
 
 

@@ -3,18 +3,18 @@ tokens, the Retrieval dual encoder's heads, and every task's configs build and r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-import lra_dtn  # noqa: F401  (registers every normalizer, dtn included)
 from lra_dtn.config import ModelConfig, Preset
 from lra_dtn.norms import NORMS
 from models import MODELS, build_model
 from models.blocks import pool
 from tasks import TASKS
 
-ENCODERS = ["transformer", "bigbird", "reformer"]
+ENCODERS = MODELS.names()
 # DTN's positional-prior projection keeps the authors' bias, which cancels in the softmax over source
 # tokens, so its gradient is exactly zero (shared/specs/dtn.md step 3; lra_dtn/dtn/module.py).
 ZERO_GRADIENT = ("pos_proj.bias",)
@@ -32,8 +32,12 @@ def batch(lengths: list[int], width: int, vocab: int = 13) -> tuple[torch.Tensor
     return torch.randint(1, vocab, (len(lengths), width)) * mask, mask
 
 
-def test_encoders_are_registered():
-    assert set(ENCODERS) <= set(MODELS.names())
+def test_each_attention_module_registers_one_encoder():
+    """models/<name>.py registers the encoder <name>: one file per attention, the file named as the choice."""
+    files = sorted(p.stem for p in (Path(__file__).parents[1] / "models").glob("*.py")
+                   if p.stem not in ("__init__", "blocks"))
+    assert sorted(MODELS.get(name).__module__ for name in MODELS.names()) == [f"models.{stem}" for stem in files]
+    assert sorted(MODELS.names()) == files
 
 
 @pytest.mark.parametrize("norm", NORMS.names())
@@ -73,7 +77,7 @@ def test_real_tokens_do_not_change_with_extra_padding(model_name, norm):
 def test_mean_pooling_after_a_zero_token_mean_norm_is_refused():
     """InstanceNorm's output averages to its bias over the tokens: MEAN pooling would make a classifier
     that ignores its input. Refused by the encoder and when a run is planned (before any training)."""
-    from lra_dtn.specs import make_spec
+    from lra_dtn.app.specs import make_spec
 
     norm = NORMS.get("in")(24, 3)
     torch.nn.init.normal_(norm.bias)
@@ -117,8 +121,10 @@ def test_every_task_config_runs_every_encoder(task_name, model_name):
     ids, mask = batch([length, length // 2], length, cfg.vocab_size)
     inputs = (ids, mask, ids.flip(0), mask.flip(0)) if task.dual else (ids, mask)
     logits = model(*inputs)
-    assert logits.shape == (2, cfg.num_classes)
+    assert logits.shape == (2, cfg.num_classes) and not torch.equal(logits[0], logits[1])  # depends on the input
     logits.sum().backward()
+    embedding = model.encoder.embed.tokens.weight.grad
+    assert torch.isfinite(embedding).all() and embedding[ids[0, 0]].abs().sum() > 0  # the input's tokens learn
 
 
 def test_head_layers_take_flax_dense_init():

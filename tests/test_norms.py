@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lra_dtn  # noqa: F401  (registers every normalizer, dtn included)
+from lra_dtn import dtn  # noqa: F401  (registers dtn and dtn_var beside the norms of lra_dtn.norms)
 from lra_dtn.norms import NORMS, Norm, build_norm, masked_token_mean
 from lra_dtn.registry import Registry
 
@@ -29,8 +29,17 @@ def randomised(norm: Norm, seed: int = 1) -> Norm:
     return norm
 
 
-def test_the_registry_lists_the_ln_family_and_dtn():
-    assert {"ln", "rms", "scale", "in", "dtn", "dtn_var"} <= set(NORMS.names())
+def subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in {direct} | subclasses(direct)}
+
+
+def test_every_normalizer_class_is_registered_once():
+    """Each concrete Norm of the library modules is one registry entry, and every entry is a Norm."""
+    library = (["lra_dtn", "norms"], ["lra_dtn", "dtn"])  # lra_dtn.dtn is a package
+    ours = {cls for cls in subclasses(Norm) if cls.__module__.split(".")[:2] in library}
+    entries = [NORMS.get(name) for name in NORMS.names()]
+    assert all(issubclass(cls, Norm) for cls in entries) and len(set(entries)) == len(entries)
+    assert ours <= set(entries) and NORMS.get("dtn") in ours and NORMS.get("ln") in ours
 
 
 def test_layer_norm_standardises_each_token_over_channels():
@@ -108,6 +117,7 @@ def test_every_norm_is_a_norm_with_the_shared_call(name):
     x = tokens(length=5).requires_grad_()
     y = norm(x)  # mask=None: every token real
     assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(y, norm(x, torch.ones(x.shape[:2], dtype=torch.bool)))  # None = all real
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
 

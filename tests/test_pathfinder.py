@@ -2,6 +2,7 @@
 seeded 80/10/10 split, generation when missing, folder names per setting, and the official configs."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def write_release(root: Path, images: list[np.ndarray | None], labels: list[int]
     with the generator's 11 fields. ``None`` writes an empty (zero-byte) PNG."""
     folder = root / "pathfinder32" / DIFFICULTY
     (folder / "metadata").mkdir(parents=True)
-    for batch in range(-(-len(images) // per_batch)):
+    for batch in range(math.ceil(len(images) / per_batch)):
         lines = []
         for i in range(per_batch):
             k = batch * per_batch + i
@@ -199,6 +200,7 @@ def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("pf")
     options = PathfinderData(num_images=80, seed=5)
     task = TASKS.get("pathfinder")()
+    task.prepare(root / "data", options)
     return task, root, options, task.load(root / "data", options, root / "cache")
 
 
@@ -217,7 +219,8 @@ def test_generated_when_missing_and_read_back(generated, capsys):
     assert all(r.shape == (1024,) and r.min() == 0 and r.max() == 255 for r in rows)  # min-max scaled PNGs
     assert task.describe(options) == ("Pathfinder-32 generated pathfinder32-gen-n80-seed5/curv_contour_length_14: "
                                       "80 images (seed 5), split 64/8/8 with seed 0, pixel 0 a real token")
-    task.load(root / "data", options, root / "cache")  # second time: the same cache, nothing generated
+    task.prepare(root / "data", options)  # second time: nothing generated, the same cache
+    task.load(root / "data", options, root / "cache")
     assert "generating" not in capsys.readouterr().out
     assert len(list((root / "cache").iterdir())) == 1
 
@@ -241,6 +244,7 @@ def test_pathx_generates_128_pixel_images(tmp_path):
     task = TASKS.get("pathx")()
     cfg, _, options = task.spec(Preset.smoke, "transformer")
     assert options == PathfinderData(image_size=128, num_images=10)
+    task.prepare(tmp_path / "data", options)
     splits = task.load(tmp_path / "data", options, tmp_path / "cache")
     assert (tmp_path / "data" / "pathfinder128-gen-n10-seed0" / DIFFICULTY / "metadata" / "0.npy").exists()
     assert {k: len(v) for k, v in splits.items()} == {"train": 8, "val": 1, "test": 1}

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lra_dtn import plots, results
+from lra_dtn.app import artifacts, plots, stats, tables
 
 
 def fake_run(out, task, model, norm, seed, acc, preset="cpu", variant="", norm_params=None, **extra):
@@ -17,7 +17,7 @@ def fake_run(out, task, model, norm, seed, acc, preset="cpu", variant="", norm_p
            "config": {"variant": variant}, "test_acc": acc, "val_acc": acc - 0.01, "sec_per_step": 0.02,
            "peak_mem_mb": 100.0 + seed, "peak_mem_kind": "cpu_peak_rss", "params": 1234, "data": f"{task} data",
            "norm_params": norm_params or {}, **extra}
-    results.write_json(out / "runs" / run_id / "result.json", run)
+    artifacts.write_json(out / "runs" / run_id / "result.json", run)
     return run
 
 
@@ -38,7 +38,7 @@ def t_cdf(t: float, df: int) -> float:
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10, 19, 29, 30, 31, 40, 100])
 def test_t_quantile_is_the_975_point(df):
-    assert t_cdf(results.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-5)
+    assert t_cdf(stats.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-5)
 
 
 def test_dtn_minus_ln_is_a_paired_t_interval_over_shared_seeds(tmp_path):
@@ -49,7 +49,7 @@ def test_dtn_minus_ln_is_a_paired_t_interval_over_shared_seeds(tmp_path):
     fake_run(out, "listops", "transformer", "dtn", 3, 0.90)  # no LN partner: in the mean, not in the diff
     fake_run(out, "text", "transformer", "ln", 0, 0.60)
     fake_run(out, "text", "transformer", "dtn", 0, 0.61)  # one pair: no interval
-    results.update_tables(out, figure=False)
+    tables.update_tables(out, figure=False)
     rows = read_csv(out / "results.csv")
 
     dtn = rows[("cpu", "listops", "transformer", "dtn")]
@@ -83,10 +83,10 @@ def test_presets_and_settings_never_mix_and_missing_tasks_are_listed(tmp_path):
     fake_run(out, "listops", "bigbird", "ln", 0, 0.40, preset="cpu")
     fake_run(out, "listops", "bigbird", "ln", 0, 0.50, preset="cpu", variant="xabc123")
     fake_run(out, "listops", "bigbird", "dtn", 0, 0.55, preset="cpu", variant="xabc123")
-    results.write_json(results.missing_marker(out, "text", "cpu"), {
+    artifacts.write_json(artifacts.missing_marker(out, "text", "cpu"), {
         "task": "text", "preset": "cpu", "variant": "", "reason": "missing data/text/train.tsv: expected ...",
         "models": ["bigbird"], "norms": ["dtn", "ln"]})
-    results.update_tables(out, figure=False)
+    tables.update_tables(out, figure=False)
     rows = read_csv(out / "results.csv")
     assert rows[("smoke", "listops", "bigbird", "ln")]["test_acc_mean_pct"] == "30.0"
     assert len(rows) == 6
@@ -125,7 +125,7 @@ def test_windows_centre_on_the_learned_offset():
 
 def test_dtn_figure_is_written_next_to_the_table_only_with_dtn_runs(tmp_path):
     fake_run(tmp_path, "listops", "transformer", "ln", 0, 0.5)
-    results.update_tables(tmp_path, figure=True)
+    tables.update_tables(tmp_path, figure=True)
     assert not (tmp_path / plots.FIGURE_FILE).exists() and "dtn_gates.png" not in (tmp_path / "results.md").read_text()
 
     for seed, gate in enumerate([1.0, 3.0]):
@@ -135,12 +135,12 @@ def test_dtn_figure_is_written_next_to_the_table_only_with_dtn_runs(tmp_path):
     for slot in params.values():
         slot["gate_mean"] = None  # dtn_var: no mean gate
     fake_run(tmp_path, "listops", "transformer", "dtn_var", 0, 0.5, norm_params=params)
-    results.update_tables(tmp_path, figure=True)
+    tables.update_tables(tmp_path, figure=True)
     png = tmp_path / plots.FIGURE_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "dtn_gates.png" in (tmp_path / "results.md").read_text()
     assert not list(tmp_path.glob(".dtn_gates*"))  # no temporary file left behind
 
-    groups = plots.dtn_groups(results.load_runs(tmp_path))
+    groups = plots.dtn_groups(artifacts.load_runs(tmp_path))
     dtn = next(g for g in groups if "/ dtn " in g.label)
     assert dtn.seeds == [0, 1] and dtn.slots[:2] == ["0.attn_norm", "0.mlp_norm"] and dtn.slots[-1] == "final_norm"
     mean_gate = (1 / (1 + math.exp(-1)) + 1 / (1 + math.exp(-3))) / 2
@@ -154,7 +154,7 @@ def test_avg_leaves_out_path_x_for_ours_and_the_paper_alike_and_is_in_the_csv(tm
     for task, acc in (("listops", 0.40), ("pathfinder", 0.60), ("pathx", 0.50)):
         fake_run(out, task, "transformer", "ln", 0, acc)
     fake_run(out, "listops", "reformer", "ln", 0, 0.30)
-    results.update_tables(out, figure=False)
+    tables.update_tables(out, figure=False)
     rows = read_csv(out / "results.csv")
     for task in ("listops", "pathfinder", "pathx"):  # the same (model, norm) Avg on each of its rows
         row = rows[("cpu", task, "transformer", "ln")]
@@ -173,8 +173,8 @@ def test_a_damaged_result_is_named_with_what_to_delete(tmp_path, text, complaint
     fake_run(tmp_path, "listops", "transformer", "ln", 0, 0.4)
     bad = tmp_path / "runs" / "listops-transformer-ln-cpu-s0" / "result.json"
     bad.write_text(text)
-    with pytest.raises(results.RunFileError, match=complaint) as error:
-        results.update_tables(tmp_path)
+    with pytest.raises(artifacts.RunFileError, match=complaint) as error:
+        tables.update_tables(tmp_path)
     assert str(bad) in str(error.value) and "delete it" in str(error.value)
 
 
@@ -182,7 +182,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         fake_run(tmp_path, "listops", "transformer", "ln", 0, 0.4)
-        results.update_tables(tmp_path, figure=False)
+        tables.update_tables(tmp_path, figure=False)
     finally:
         os.umask(old)
     for name in ("results.csv", "results.md", "runs.csv", "runs/listops-transformer-ln-cpu-s0/result.json"):

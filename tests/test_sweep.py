@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lra_dtn import engine, results, sweep
-from lra_dtn.cli import main
+from lra_dtn.app import artifacts, engine, sweep
+from lra_dtn.app.cli import main
 from lra_dtn.data import DataError
 from lra_dtn.norms import NORMS
 from tasks import TASKS
@@ -84,7 +84,7 @@ def test_killed_sweep_reruns_to_the_full_table(tmp_path, monkeypatch, grid_tasks
     assert cut.startswith("listops-bigbird-ln-smoke-s0")  # seeds outermost, then task, model, norm
     assert sorted(done_before) == sorted(p.parent.name for p in calls[:4:2])
     assert (out / "runs" / cut / "checkpoint.pt").exists() and not (out / "runs" / cut / "result.json").exists()
-    assert len(read_csv(out / "results.csv")) >= 1  # the engine's table after each finished run
+    assert len(read_csv(out / "results.csv")) >= 1  # the sweep's table after each finished run
 
     # Run the same command again, recording which steps each run trains.
     steps: dict[str, list[int]] = {}
@@ -154,7 +154,7 @@ def test_a_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
         result = {"run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,
                   "preset": spec.preset, "seed": spec.seed, "config": spec.to_dict(), "test_acc": 0.5,
                   "val_acc": 0.5, "sec_per_step": 0.01, "peak_mem_mb": 10.0, "params": 1}
-        results.write_json(engine.run_dir(out, spec) / "result.json", result)
+        artifacts.write_json(engine.run_dir(out, spec) / "result.json", result)
         return result
 
     monkeypatch.setattr(engine, "train", fake_train)
@@ -197,7 +197,7 @@ def test_cli_sweep_rejects_unknown_names_before_training(tmp_path):
 
 
 def test_sweep_defaults_compare_ln_with_dtn(capsys):
-    from lra_dtn.cli import build_parser
+    from lra_dtn.app.cli import build_parser
 
     args = build_parser().parse_args(["sweep"])
     assert (args.tasks, args.models, args.norms, args.seeds) == ("all", "all", "ln,dtn", "0,1,2")
@@ -237,6 +237,6 @@ def test_a_damaged_result_stops_the_sweep_before_any_training(tmp_path, grid_tas
 
 
 def sweep_args_namespace(tmp_path):
-    from lra_dtn.cli import build_parser
+    from lra_dtn.app.cli import build_parser
 
     return build_parser().parse_args(sweep_args(tmp_path, tasks="listops", models="transformer", seeds="0"))

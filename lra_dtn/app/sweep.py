@@ -1,8 +1,8 @@
-"""The LN-vs-DTN grid as one job: tasks x models x norms x seeds, resumable, with the table at the end.
+"""The LN-vs-DTN grid as one job: tasks x models x norms x seeds, resumable, with the table after every run.
 
 ``run_lra.py sweep --tasks all --models all --norms ln,dtn --seeds 0,1,2 --preset cpu --out results/``
 
-* Every run goes through :func:`lra_dtn.engine.train` with ``resume=True``: a finished run (its
+* Every run goes through :func:`lra_dtn.app.engine.train` with ``resume=True``: a finished run (its
   ``result.json`` exists) is skipped, a run cut mid-training continues from its checkpoint. So the
   same command, run again after a kill at any point, finishes the grid; the table is rebuilt from the
   run JSONs, so nothing in it is lost or counted twice.
@@ -23,15 +23,15 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
-from lra_dtn import distributed, results
-from lra_dtn.cli import add_common, cli_settings
+from lra_dtn import distributed
+from lra_dtn.app import artifacts, engine, tables
+from lra_dtn.app.checkpoint import CHECKPOINT_FILE, run_dir
+from lra_dtn.app.options import add_common, run_spec
 from lra_dtn.config import RunSpec
 from lra_dtn.data import DataError
 from lra_dtn.norms import NORMS
 from lra_dtn.registry import Registry
-from lra_dtn.specs import make_spec
 from models import MODELS
 from tasks import TASKS
 
@@ -86,19 +86,19 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     models = parse_names(args.models, MODELS, "models")
     norms = parse_names(args.norms, NORMS, "norms")
     seeds = parse_seeds(args.seeds)
-    settings = cli_settings(args)
-    return [make_spec(task, model, norm, args.preset, seed, settings)
+    return [run_spec(args, task, model, norm, seed)
             for seed in seeds for task in tasks for model in models for norm in norms]
 
 
 def finished(out: Path, spec: RunSpec) -> bool:
     """Whether the run's result exists; a damaged one raises (naming it) before anything is trained."""
-    path = Path(out) / "runs" / spec.run_id / results.RESULT_FILE
-    return path.exists() and bool(results.read_result(path))
+    path = Path(out) / "runs" / spec.run_id / artifacts.RESULT_FILE
+    return path.exists() and bool(artifacts.read_result(path))
 
 
-def check_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
-    """``{task: reason}`` for the tasks whose files are missing (generated tasks generate them here).
+def prepare_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
+    """Prepares the data of every task with unfinished runs (:meth:`tasks.base.Task.prepare`: generated
+    tasks generate what is missing); ``{task: reason}`` for the tasks whose files are still missing.
 
     Each distinct data setting of a task is checked once; only tasks with unfinished runs are asked."""
     missing: dict[str, str] = {}
@@ -109,21 +109,10 @@ def check_data(specs: list[RunSpec], data_dir: Path) -> dict[str, str]:
             continue
         seen.add(key)
         try:
-            TASKS.get(spec.task)().source_files(Path(data_dir), spec.data)
+            TASKS.get(spec.task)().prepare(Path(data_dir), spec.data)
         except DataError as err:
             missing[spec.task] = str(err)
     return missing
-
-
-def broadcast(ctx: distributed.DistContext, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.group:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> None:
@@ -132,9 +121,9 @@ def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> No
     for variant in dict.fromkeys(s.variant for s in specs if s.task == task):
         mine = [s for s in specs if s.task == task and s.variant == variant]
         first = mine[0]
-        path = results.missing_marker(out, task, first.preset, variant)
-        old = results.load_marker(path, results.MISSING_DIR) if path.exists() else {}
-        results.write_json(path, {
+        path = artifacts.missing_marker(out, task, first.preset, variant)
+        old = artifacts.load_marker(path, artifacts.MISSING_DIR) if path.exists() else {}
+        artifacts.write_json(path, {
             "task": task, "preset": first.preset, "variant": variant, "reason": reason,
             "models": sorted({s.model_name for s in mine} | set(old.get("models", []))),
             "norms": sorted({s.norm for s in mine} | set(old.get("norms", []))),
@@ -143,7 +132,7 @@ def write_missing(out: Path, task: str, specs: list[RunSpec], reason: str) -> No
 
 
 def write_failed(out: Path, spec: RunSpec, err: BaseException) -> None:
-    results.write_json(results.failed_marker(out, spec.run_id), {
+    artifacts.write_json(artifacts.failed_marker(out, spec.run_id), {
         "run_id": spec.run_id, "task": spec.task, "model": spec.model_name, "norm": spec.norm,
         "preset": spec.preset, "variant": spec.variant, "seed": spec.seed,
         "error": f"{type(err).__name__}: {err}",
@@ -151,8 +140,6 @@ def write_failed(out: Path, spec: RunSpec, err: BaseException) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from lra_dtn import engine
-
     specs = plan(args)
     ctx = distributed.init(args.device)
     out = Path(args.out)
@@ -162,8 +149,8 @@ def main(args: argparse.Namespace) -> None:
             print(f"[sweep] {message}", flush=True)
 
     pending = [s for s in specs if not finished(out, s)]
-    # Rank 0 generates/inspects the data once; the other ranks take its verdict (same files).
-    missing = broadcast(ctx, check_data(pending, args.data_dir) if ctx.is_main else None)
+    # Rank 0 prepares the data once; the other ranks take its verdict (same files).
+    missing = distributed.broadcast(ctx, prepare_data(pending, args.data_dir) if ctx.is_main else None)
     if ctx.is_main:
         for task in dict.fromkeys(s.task for s in specs):
             if task in missing:
@@ -171,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
                 say(f"{task}: data missing, its runs are skipped and listed in the table: {missing[task]}")
             else:  # the data is there now, or no run of the task needs it any more
                 for variant in {s.variant for s in specs if s.task == task}:
-                    results.missing_marker(out, task, args.preset, variant).unlink(missing_ok=True)
+                    artifacts.missing_marker(out, task, args.preset, variant).unlink(missing_ok=True)
 
     todo = [s for s in pending if s.task not in missing]
     say(f"{len(specs)} runs in the grid: {len(specs) - len(pending)} already finished, {len(todo)} to go"
@@ -180,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
     for i, spec in enumerate(todo, start=1):
         if spec.task in missing:  # its data went missing while loading an earlier run
             continue
-        ckpt = engine.run_dir(out, spec) / engine.CHECKPOINT_FILE
+        ckpt = run_dir(out, spec) / CHECKPOINT_FILE
         say(f"[{i}/{len(todo)}] {spec.run_id}" + (" (resuming from its checkpoint)" if ckpt.exists() else ""))
         try:
             result = engine.train(spec, out, args.data_dir, args.cache_dir, resume=True, device=args.device,
@@ -198,14 +185,15 @@ def main(args: argparse.Namespace) -> None:
             failures.append(spec.run_id)
             write_failed(out, spec, err)
             say(f"{spec.run_id} FAILED ({type(err).__name__}: {err}); recorded in "
-                f"{results.failed_marker(out, spec.run_id)}, going on")
+                f"{artifacts.failed_marker(out, spec.run_id)}, going on")
             continue
         if ctx.is_main:
-            results.failed_marker(out, spec.run_id).unlink(missing_ok=True)
+            artifacts.failed_marker(out, spec.run_id).unlink(missing_ok=True)
+            tables.update_tables(out)  # a sweep cut later still leaves the table of every finished run
         say(f"{spec.run_id}: test accuracy {result['test_acc']:.4f}, {result['sec_per_step'] * 1000:.1f} ms/step")
 
     if ctx.is_main:
-        results.update_tables(out, figure=True)
+        tables.update_tables(out, figure=True)
         say(f"table: {out / 'results.md'} and {out / 'results.csv'}"
             + (f"; figure: {out / 'dtn_gates.png'}" if (out / "dtn_gates.png").exists() else ""))
     distributed.barrier(ctx)
@@ -213,4 +201,4 @@ def main(args: argparse.Namespace) -> None:
     if missing:
         say(f"missing data (listed in the table): {', '.join(sorted(missing))}")
     if failures:
-        sys.exit(f"[sweep] {len(failures)} run(s) failed: {', '.join(failures)} (see {out / results.FAILED_DIR}/)")
+        sys.exit(f"[sweep] {len(failures)} run(s) failed: {', '.join(failures)} (see {out / artifacts.FAILED_DIR}/)")

@@ -1,304 +1,24 @@
-"""Run artifacts: one JSON per run, and the tables rebuilt from all of them.
+"""The tables, rebuilt from every run JSON and marker under ``OUT``: ``results.csv``, ``results.md``,
+``runs.csv`` and the DTN figure ``dtn_gates.png``.
 
-Data flows one way: ``OUT/runs/<run_id>/result.json`` (one per finished run), plus the sweep's
-markers ``OUT/missing/<task>-<preset>[-<variant>].json`` (a task whose data is missing, with the reason) and
-``OUT/failed/<run_id>.json`` (a run that raised) -> :func:`update_tables` -> ``results.csv``,
-``results.md``, ``runs.csv`` and the DTN figure ``dtn_gates.png``. Nothing else is read, so deleting
-the tables and running ``run_lra.py table --out OUT`` rebuilds them exactly, and a run can never be
-counted twice (its id is its folder).
-
-Every file is written to a temporary name in the same folder and renamed into place, so a crash
-never leaves a half-written JSON, CSV or Markdown table behind.
+Nothing but the files of :mod:`lra_dtn.app.artifacts` is read, so deleting the tables and running
+``run_lra.py table --out OUT`` rebuilds them exactly, and a run can never be counted twice (its id is
+its folder). The commands that ask for a table build it: ``train`` after its run, ``sweep`` after its
+grid, ``table`` on demand; the engine only writes the run's own JSON.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
-import math
-import os
-import tempfile
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-RESULT_FILE = "result.json"
-MISSING_DIR = "missing"
-FAILED_DIR = "failed"
-BASELINE_NORM = "ln"
-
-# LRA README "as of 8th November 2020" = paper Table 1 (spec §10.1), test accuracy in %.
-# None = FAIL (Path-X). The paper's Avg is over the 5 tasks without Path-X.
-LRA_TASK_NAMES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
-                  "pathfinder": "Path", "pathx": "Path-X"}
-OFFICIAL_LRA: dict[str, dict[str, float | None]] = {
-    "transformer": {"listops": 36.37, "text": 64.27, "retrieval": 57.46, "image": 42.44, "pathfinder": 71.40,
-                    "pathx": None},
-    "bigbird": {"listops": 36.05, "text": 64.02, "retrieval": 59.29, "image": 40.83, "pathfinder": 74.87,
-                "pathx": None},
-    "reformer": {"listops": 37.27, "text": 56.10, "retrieval": 53.40, "image": 38.07, "pathfinder": 68.50,
-                 "pathx": None},
-}
-OFFICIAL_AVG = {"transformer": 54.39, "bigbird": 55.01, "reformer": 50.67}
-# Not in any Avg, ours or the paper's: the paper averages its 5 tasks without Path-X (every model FAILs it).
-NOT_AVERAGED = frozenset({"pathx"})
-OFFICIAL_MODEL_NAMES = {"transformer": "Transformer", "bigbird": "BigBird", "reformer": "Reformer"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-class RunFileError(ValueError):
-    """A file under ``OUT`` that should be one of ours (run result, marker, checkpoint) but is not:
-    damaged or foreign. The message names the file and what to delete."""
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends, removed
-    if it raises. So readers see the old file or the new one, never a part. The file gets the
-    permissions a plain ``open`` would give (``mkstemp`` makes it owner-only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`), synced to disk."""
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
-# The keys the tables need from each kind of JSON.
-RESULT_KEYS = ("run_id", "task", "model", "norm", "preset", "seed", "test_acc")
-MISSING_KEYS = ("task", "preset", "reason")
-FAILED_KEYS = ("run_id", "task", "model", "norm", "preset", "seed")
-
-
-def read_json(path: Path, keys: tuple[str, ...], what: str) -> dict[str, Any]:
-    """One of our JSON files, with ``keys``; anything else raises :class:`RunFileError` naming it."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunFileError(f"{path}: not a readable {what} ({err}); delete it (the next sweep redoes what it "
-                           "recorded)") from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise RunFileError(f"{path}: not a {what} (no {', '.join(missing)}); delete it (the next sweep redoes "
-                           "what it recorded)")
-    return obj
-
-
-def read_result(path: Path) -> dict[str, Any]:
-    return read_json(path, RESULT_KEYS, "run result")
-
-
-def load_runs(out: Path) -> list[dict[str, Any]]:
-    """Every finished run's JSON under ``out/runs/``, in a stable order."""
-    return [read_result(p) for p in sorted(Path(out).glob(f"runs/*/{RESULT_FILE}"))]
-
-
-def missing_marker(out: Path, task: str, preset: str, variant: str = "") -> Path:
-    """One marker per task, preset and settings variant: sweeps of other models or seeds of the same
-    task merge into it, a sweep with other settings gets its own."""
-    suffix = f"-{variant}" if variant else ""
-    return Path(out) / MISSING_DIR / f"{task}-{preset}{suffix}.json"
-
-
-def failed_marker(out: Path, run_id: str) -> Path:
-    return Path(out) / FAILED_DIR / f"{run_id}.json"
-
-
-MARKER_KEYS = {MISSING_DIR: MISSING_KEYS, FAILED_DIR: FAILED_KEYS}
-
-
-def load_marker(path: Path, kind: str) -> dict[str, Any]:
-    return read_json(path, MARKER_KEYS[kind], f"'{kind}' marker")
-
-
-def load_markers(out: Path, kind: str) -> list[dict[str, Any]]:
-    """The sweep's ``missing`` or ``failed`` markers (small JSONs), in a stable order."""
-    return [load_marker(p, kind) for p in sorted((Path(out) / kind).glob("*.json"))]
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics (no scipy: the only quantile needed is t(0.975, df))
-
-# Two-sided 95% quantiles t(0.975, df) for df = 1..30 (standard tables; checked in tests against a
-# numerical integral of the t density).
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-Z_975 = 1.959964
-
-
-def t_quantile_975(df: int) -> float:
-    """t(0.975, df): the table up to 30, then the Cornish-Fisher expansion (error < 1e-4 there)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = Z_975
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-@dataclass
-class PairedDiff:
-    """Mean of per-seed differences with its 95% paired t-interval (None when n = 1)."""
-
-    mean: float
-    n: int
-    low: float | None
-    high: float | None
-    seeds: list[int]
-
-
-def paired_diff(a: dict[int, float], b: dict[int, float]) -> PairedDiff | None:
-    """``a - b`` over the seeds both have: a run and its baseline share the seed's data order and
-    initialisation stream, so the per-seed difference cancels that noise."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    mean, std = mean_std(diffs)
-    if std is None:
-        return PairedDiff(mean, 1, None, None, seeds)
-    half = t_quantile_975(len(diffs) - 1) * std / math.sqrt(len(diffs))
-    return PairedDiff(mean, len(diffs), mean - half, mean + half, seeds)
-
-
-# ---------------------------------------------------------------------------------------------
-# Aggregation: one row per (preset, variant, task, model, norm)
-
-
-def variant_of(run: dict[str, Any]) -> str:
-    return (run.get("config") or {}).get("variant") or ""
-
-
-def task_order(task: str) -> tuple[int, str]:
-    """LRA's column order, then any other task alphabetically."""
-    names = list(LRA_TASK_NAMES)
-    return (names.index(task) if task in names else len(names), task)
-
-
-def model_order(model: str) -> tuple[int, str]:
-    """The LRA table's models first (Transformer, BigBird, Reformer), then any other."""
-    names = list(OFFICIAL_MODEL_NAMES)
-    return (names.index(model) if model in names else len(names), model)
-
-
-def norm_order(norm: str) -> tuple[int, str]:
-    return (0 if norm == BASELINE_NORM else 1, norm)
-
-
-@dataclass
-class Row:
-    preset: str
-    variant: str
-    task: str
-    model: str
-    norm: str
-    data: str = ""
-    acc: dict[int, float] = field(default_factory=dict)  # seed -> test accuracy in %
-    val: dict[int, float] = field(default_factory=dict)
-    sec_per_step: list[float] = field(default_factory=list)
-    peak_mem_mb: list[float] = field(default_factory=list)
-    peak_mem_kind: str = ""
-    params: int | None = None
-    diff: PairedDiff | None = None  # vs the baseline norm, same task/model/preset/variant
-    failed: list[str] = field(default_factory=list)  # run ids whose last attempt raised
-    missing: str = ""  # the reason, when the task's data is missing and no run finished
-
-    @property
-    def key(self) -> tuple[str, str, str, str, str]:
-        return (self.preset, self.variant, self.task, self.model, self.norm)
-
-    @property
-    def n(self) -> int:
-        return len(self.acc)
-
-    def acc_mean_std(self) -> tuple[float | None, float | None]:
-        return mean_std(list(self.acc.values())) if self.acc else (None, None)
-
-
-def sort_key(row: Row) -> tuple:
-    return (row.preset, row.variant, task_order(row.task), model_order(row.model), norm_order(row.norm))
-
-
-def aggregate(runs: Iterable[dict[str, Any]], missing: Iterable[dict[str, Any]] = (),
-              failed: Iterable[dict[str, Any]] = ()) -> list[Row]:
-    """Group runs by (preset, settings variant, task, model, norm); add each non-baseline norm's
-    paired difference to the baseline; add rows for missing tasks and failed runs."""
-    rows: dict[tuple, Row] = {}
-
-    def row_for(preset: str, variant: str, task: str, model: str, norm: str) -> Row:
-        key = (preset, variant, task, model, norm)
-        if key not in rows:
-            rows[key] = Row(*key)
-        return rows[key]
-
-    for run in runs:
-        row = row_for(run["preset"], variant_of(run), run["task"], run["model"], run["norm"])
-        seed = int(run["seed"])
-        row.acc[seed] = 100.0 * run["test_acc"]
-        if run.get("val_acc") is not None:
-            row.val[seed] = 100.0 * run["val_acc"]
-        if run.get("sec_per_step") is not None:
-            row.sec_per_step.append(run["sec_per_step"])
-        if run.get("peak_mem_mb") is not None:
-            row.peak_mem_mb.append(run["peak_mem_mb"])
-            row.peak_mem_kind = run.get("peak_mem_kind") or row.peak_mem_kind
-        row.params = run.get("params", row.params)
-        row.data = run.get("data") or row.data
-    for marker in failed:
-        row = row_for(marker["preset"], marker.get("variant", ""), marker["task"], marker["model"], marker["norm"])
-        if int(marker["seed"]) not in row.acc:
-            row.failed.append(marker["run_id"])
-    for marker in missing:
-        for model in marker.get("models", []):
-            for norm in marker.get("norms", []):
-                row = row_for(marker["preset"], marker.get("variant", ""), marker["task"], model, norm)
-                row.missing = marker["reason"]
-                row.data = row.data or marker.get("data", "")
-    for row in rows.values():
-        base = rows.get((row.preset, row.variant, row.task, row.model, BASELINE_NORM))
-        if row.norm != BASELINE_NORM and base is not None and row.acc and base.acc:
-            row.diff = paired_diff(row.acc, base.acc)
-    return sorted(rows.values(), key=sort_key)
-
+from typing import Any, Iterable
+
+from lra_dtn.app import plots
+from lra_dtn.app.artifacts import FAILED_DIR, MISSING_DIR, load_markers, load_runs, write_atomic
+from lra_dtn.app.paper import LRA_TASK_NAMES, NOT_AVERAGED, OFFICIAL_AVG, OFFICIAL_LRA, OFFICIAL_MODEL_NAMES, official
+from lra_dtn.app.results import BASELINE_NORM, Row, aggregate, model_order, norm_order, sort_key, task_order
+from lra_dtn.app.stats import PairedDiff
 
 # ---------------------------------------------------------------------------------------------
 # Formatting
@@ -327,18 +47,8 @@ def fmt_diff(diff: PairedDiff | None) -> str:
     return f"{signed(diff.mean)} [{ci}]"
 
 
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
 def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def official(model: str, task: str) -> float | None:
-    return OFFICIAL_LRA.get(model, {}).get(task)
 
 
 def markdown_table(header: list[str], body: list[list[str]], align: str | None = None) -> list[str]:
@@ -541,10 +251,8 @@ def to_markdown(rows: list[Row], num_runs: int, figure: str | None = None) -> st
 
 def update_tables(out: Path, figure: bool = False) -> None:
     """Rebuild ``results.csv``, ``results.md``, ``runs.csv`` under ``out``; with ``figure``, also the
-    DTN gates figure. The engine calls this after every run without the figure (a second or two of
+    DTN gates figure. ``train`` rebuilds the tables after its run without the figure (a second or two of
     matplotlib each time); the sweep's end and ``run_lra.py table`` draw it."""
-    from lra_dtn import plots
-
     out = Path(out)
     runs = load_runs(out)
     rows = aggregate(runs, load_markers(out, MISSING_DIR), load_markers(out, FAILED_DIR))
@@ -557,4 +265,3 @@ def update_tables(out: Path, figure: bool = False) -> None:
     write_atomic(out / "results.csv", to_csv(csv_rows(rows), CSV_COLUMNS))
     write_atomic(out / "runs.csv", to_csv([{c: run.get(c) for c in RUN_COLUMNS} for run in runs], RUN_COLUMNS))
     write_atomic(out / "results.md", to_markdown(rows, len(runs), figure_name))
-

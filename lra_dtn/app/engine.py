@@ -1,18 +1,15 @@
-"""Training, evaluation, checkpoints and the run's result JSON.
+"""One run: training, evaluation, and the run's result JSON.
 
 One run = one :class:`~lra_dtn.config.RunSpec`. Its files live in ``OUT/runs/<run_id>/``
-(``checkpoint.pt``, ``result.json``) and its TensorBoard scalars in ``OUT/tb/<run_id>/``. The
+(``checkpoint.pt``: :mod:`lra_dtn.app.checkpoint`; ``result.json``) and its TensorBoard scalars in
+``OUT/tb/<run_id>/``; the tables are the commands' job (:mod:`lra_dtn.app.tables`). The
 batch of every step is a pure function of (seed, step) and the checkpoint holds the RNG states, so
 a run resumed from its last checkpoint ends with the same numbers as one never interrupted.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
-import platform
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,102 +20,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lra_dtn import distributed, results
-from lra_dtn.memory import (GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory,
-                            step_peak_bytes)
+from lra_dtn import distributed
+from lra_dtn.app import artifacts
+from lra_dtn.app.checkpoint import (CHECKPOINT_FILE, clear_run, finished_result, load_checkpoint, restore_rng_state,
+                                    rng_state, run_dir, save_checkpoint)
+from lra_dtn.app.provenance import git_commit, versions
 from lra_dtn.config import RunSpec
 from lra_dtn.data import Batch, collate, eval_order, train_indices
+from lra_dtn.dtn import DynamicTokenNorm
+from lra_dtn.memory import (GIB, choose_grad_accum, default_budget_bytes, peak_memory_mb, reset_peak_memory,
+                            step_peak_bytes)
 from lra_dtn.optim import build_optimizer, learning_rate
 from models import build_model
 from tasks import TASKS
 
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class RunExistsError(RuntimeError):
-    """A run folder already holds a checkpoint or result and neither resume nor overwrite was asked."""
-
-
-def run_dir(out: Path, spec: RunSpec) -> Path:
-    return Path(out) / "runs" / spec.run_id
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill mid-write keeps the previous one."""
-    with results.atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
-CHECKPOINT_KEYS = ("spec", "model", "optimizer", "rng", "state")
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`; anything else (a damaged or foreign file) raises
-    :class:`~lra_dtn.results.RunFileError` naming the file and what to do, instead of torch's unpickling error."""
-    what_to_do = f"delete {path.parent} to start this run afresh"
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # noqa: BLE001 (zip, pickle and EOF errors alike mean "not a checkpoint")
-        raise results.RunFileError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); {what_to_do}") from err
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise results.RunFileError(f"{path}: not an lra-dtn checkpoint (no {', '.join(missing)}); {what_to_do}")
-    return ckpt
-
-
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "datasets", "einops", "reformer-pytorch", "lra-dtn"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[pkg] = importlib.metadata.version(pkg)
-    return found
-
-
-def git_commit() -> str | None:
-    """The commit of the code that ran (with ``+dirty`` for uncommitted changes), if in a checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The random streams a training step draws from (dropout): the CPU generator, and on a GPU the
-    device's own, which is where dropout masks are drawn there."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Inverse of :func:`rng_state`. A checkpoint loaded onto a GPU brings the states there; the
-    generators take them as CPU byte tensors."""
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    """bf16 autocast, or nothing for fp32 (``TrainConfig`` admits only ``config.PRECISIONS``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def norm_summary(model: nn.Module) -> dict[str, dict[str, list]]:
     """The learned DTN parameters of every norm slot, for the gates/windows figure."""
     found = {}
     for name, module in model.named_modules():
-        if hasattr(module, "gate_var") and hasattr(module, "pos_proj"):
+        if isinstance(module, DynamicTokenNorm):  # dtn and dtn_var
             found[name] = {
-                "gate_mean": torch.sigmoid(module.gate_mean).tolist() if getattr(module, "gate_mean", None) is not None else None,
+                "gate_mean": None if module.gate_mean is None else torch.sigmoid(module.gate_mean).tolist(),
                 "gate_var": torch.sigmoid(module.gate_var).tolist(),
                 "pos_weight": module.pos_proj.weight.tolist(),
             }
@@ -191,13 +118,10 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     ``memory_budget_gb``: what ``train.grad_accum=0`` (auto) fits a step into (default: 90 % of free)."""
     ctx = distributed.init(device)
     folder = run_dir(out, spec)
-    ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / results.RESULT_FILE
-    if not (resume or overwrite) and (ckpt_path.exists() or result_path.exists()):
-        raise RunExistsError(f"{folder} already holds a run; pass --resume to continue it or --overwrite to restart")
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pass one")
-    if resume and result_path.exists():
-        return results.read_result(result_path)
+    ckpt_path, result_path = folder / CHECKPOINT_FILE, folder / artifacts.RESULT_FILE
+    done = finished_result(folder, resume, overwrite)
+    if done is not None:
+        return done
 
     cfg = spec.train
     if cfg.batch_size % (ctx.world_size * max(cfg.grad_accum, 1)):
@@ -205,7 +129,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
                          f"{ctx.world_size} x {cfg.grad_accum} (grad_accum 0 = auto)")
     task = TASKS.get(spec.task)()
     cache_dir = Path(cache_dir) if cache_dir else Path(data_dir) / ".lra_dtn_cache"
-    if not ctx.is_main:  # rank 0 generates and tokenizes once; the others read its cache
+    if not ctx.is_main:  # rank 0 tokenizes once (the command prepared the files); the others read its cache
         distributed.barrier(ctx)
     splits = task.load(Path(data_dir), spec.data, cache_dir)
     if ctx.is_main:
@@ -218,9 +142,7 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
     optimizer = build_optimizer(model, cfg)
     state = {"step": 0, "train_seconds": 0.0, "history": []}
     if overwrite and ctx.is_main:
-        ckpt_path.unlink(missing_ok=True)
-        result_path.unlink(missing_ok=True)
-        shutil.rmtree(Path(out) / "tb" / spec.run_id, ignore_errors=True)
+        clear_run(out, spec)
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, ctx.device)
         if ckpt["spec"] != spec.to_dict():
@@ -340,7 +262,6 @@ def train(spec: RunSpec, out: Path, data_dir: Path, cache_dir: Path | None = Non
         writer.add_scalar("test/acc", test["acc"], state["step"])
         writer.close()
     if ctx.is_main:
-        results.write_json(result_path, result)
-        results.update_tables(Path(out))
+        artifacts.write_json(result_path, result)
     distributed.barrier(ctx)
     return result

@@ -7,30 +7,28 @@ import json
 import typing
 from typing import Any
 
-from lra_dtn.config import ModelConfig, Preset, RunSpec, TrainConfig
+from lra_dtn.config import Preset, RunSpec
 from lra_dtn.norms import NORMS, check_pooling
 from lra_dtn.registry import UnknownName
 from models import MODELS
 from tasks import TASKS
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
-
 
 def parse_value(text: str, kind: Any) -> Any:
-    """``"3"`` -> 3 for an int field, ``"none"`` -> None for an optional one, and so on."""
-    kind_str = str(kind)
-    if text.lower() in ("none", "null") and ("None" in kind_str or "Optional" in kind_str):
-        return None
-    if "bool" in kind_str:
+    """``"3"`` -> 3 for an ``int`` field, ``"none"`` -> None for an optional one (``X | None``),
+    ``"0.9,0.98"`` -> a tuple of floats, ``"true"`` -> True; a ``str`` field takes the text as it is."""
+    options = typing.get_args(kind)
+    if type(None) in options:
+        if text.lower() in ("none", "null"):
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
+    if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "1")
-    if "tuple" in kind_str:
+    if typing.get_origin(kind) is tuple:
         return tuple(float(v) for v in text.split(","))
-    for cast in (int, float):
-        if cast.__name__ in kind_str:
-            return cast(text)
-    return text
+    return kind(text) if kind in (int, float) else text
 
 
 def apply_settings(section: Any, settings: dict[str, str], where: str) -> Any:
@@ -67,25 +65,27 @@ def split_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 
 
 def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cpu, seed: int = 0,
-              settings: list[str] | None = None) -> RunSpec:
-    """The preset's config for (task, model), with ``section.name=value`` settings applied on top."""
+              settings: list[str] | None = None, train_changes: dict[str, Any] | None = None) -> RunSpec:
+    """The preset's config for (task, model), with typed ``train_changes`` (the CLI's shortcut flags) and
+    then ``section.name=value`` settings applied on top."""
     task_cls = TASKS.get(task)
     MODELS.get(model)
     NORMS.get(norm)
     preset = Preset(preset)
     base = task_cls().spec(preset, model)
     changes = split_settings(settings or [])
+    flagged = (base[0], dataclasses.replace(base[1], **(train_changes or {})), base[2])
     model_cfg, train_cfg, data_opts = (apply_settings(section, changes[name], name)
-                                       for section, name in zip(base, ("model", "train", "data")))
+                                       for section, name in zip(flagged, ("model", "train", "data")))
     if "max_length" in changes["data"] and "max_len" not in changes["model"]:
         # A longer or shorter data cut (e.g. Text 4000, the paper's) resizes the position table too.
         model_cfg = dataclasses.replace(model_cfg, max_len=data_opts.max_length)
     check_pooling(norm, model_cfg.pooling)
     return RunSpec(task=task, model_name=model, norm=norm, preset=preset.value, seed=seed, model=model_cfg,
-                   train=train_cfg, data=data_opts, variant=variant_of(base, (model_cfg, train_cfg, data_opts)))
+                   train=train_cfg, data=data_opts, variant=variant_hash(base, (model_cfg, train_cfg, data_opts)))
 
 
-def variant_of(base: tuple, resolved: tuple) -> str:
+def variant_hash(base: tuple, resolved: tuple) -> str:
     """``""`` when the resolved config is the preset's, else a short hash of the changed fields."""
     changed = {f"{type(b).__name__}.{k}": v for b, r in zip(base, resolved)
                for k, v in dataclasses.asdict(r).items() if getattr(b, k) != getattr(r, k)}

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lra_dtn import results
+from lra_dtn.app.artifacts import atomic_file
+from lra_dtn.app.results import model_order, run_variant, task_order
 
 FIGURE_FILE = "dtn_gates.png"
 MAX_OFFSET = 32  # the window is drawn over j - i in [-32, 32]
@@ -65,11 +66,9 @@ def dtn_groups(runs: Iterable[dict[str, Any]]) -> list[DTNGroup]:
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
         if run.get("norm_params"):
-            variant = (run.get("config") or {}).get("variant") or ""
-            key = (run["preset"], variant, run["task"], run["model"], run["norm"])
+            key = (run["preset"], run_variant(run), run["task"], run["model"], run["norm"])
             grouped.setdefault(key, []).append(run)
     groups = []
-    from lra_dtn.results import model_order, task_order
 
     def order(key: tuple) -> tuple:
         preset, variant, task, model, norm = key
@@ -148,7 +147,7 @@ def write_dtn_figure(runs: Iterable[dict[str, Any]], path: Path) -> Path | None:
                      f"{MAX_OFFSET}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     try:
-        with results.atomic_file(path, suffix=".png") as tmp:
+        with atomic_file(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=90, format="png")
     finally:
         plt.close(fig)

@@ -11,9 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from lra_dtn.config import PRECISIONS, Preset
+from lra_dtn.app import engine, sweep
+from lra_dtn.app.artifacts import RESULT_FILE
+from lra_dtn.app.checkpoint import RunExistsError, run_dir
+from lra_dtn.app.options import add_common, folder_arg, non_negative_int, positive_int, run_spec
+from lra_dtn.app.specs import apply_settings
+from lra_dtn.app.tables import update_tables
+from lra_dtn.config import Preset
 from lra_dtn.data import DataError
-from lra_dtn.engine import RunExistsError
 from lra_dtn.norms import NORMS
 from models import MODELS
 from tasks import TASKS
@@ -25,87 +30,6 @@ INTERRUPTED = {  # what Ctrl-C leaves behind, per subcommand
     "generate": "nothing was written (the data folder appears only once complete)",
     "table": "the previous tables are intact (they are replaced only once complete)",
 }
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``sweep``."""
-    parser.add_argument("--preset", default=Preset.cpu.value, choices=[p.value for p in Preset],
-                        help="official: the LRA config of the task; cpu: learns on 2 CPU cores in minutes "
-                             "(smaller model, shorter generated data where noted); smoke: seconds, for CI "
-                             "(default: %(default)s)")
-    parser.add_argument("--data-dir", type=folder_arg, default=Path("data"),
-                        help="folder holding the LRA files (see README); generated tasks write there "
-                             "(default: %(default)s)")
-    parser.add_argument("--cache-dir", type=folder_arg, default=None,
-                        help="tokenized-data cache (default: DATA_DIR/.lra_dtn_cache)")
-    parser.add_argument("--out", type=folder_arg, default=Path("results"),
-                        help="output folder: runs/<run>/ (checkpoint, result.json), tb/ (TensorBoard), "
-                             "results.csv and results.md (default: %(default)s)")
-    parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="training steps (replaces the preset's; the schedule follows)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="global batch size, split over processes and --grad-accum")
-    parser.add_argument("--grad-accum", type=grad_accum_arg, default=None, metavar="N|auto",
-                        help="split each batch into N sequential micro-batches (same gradient, less memory); "
-                             "auto: the fewest that fit --memory-budget, probed on the longest examples")
-    parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="GIB",
-                        help="memory a step may take with --grad-accum auto (default: 90%% of the free memory)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="bf16 autocast (GPUs); DTN statistics stay in float32 (default: fp32)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: one GPU per process)")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.NAME=VALUE",
-                        help="change any config field, e.g. --set model.num_layers=2 --set train.lr=1e-3 "
-                             "--set data.max_length=4000 (repeatable); the run id gets a hash of the change")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def folder_arg(text: str) -> Path:
-    """A folder to read or write: it may not exist yet, but it may not be a file."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    return path
-
-
-def count_arg(text: str, least: int) -> int:
-    if not text.isdigit() or int(text) < least:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-    return int(text)
-
-
-def positive_int(text: str) -> int:
-    return count_arg(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return count_arg(text, 0)
-
-
-def grad_accum_arg(text: str) -> int:
-    """``--grad-accum``: a positive count, or ``auto`` (stored as 0 in the config)."""
-    return 0 if text == "auto" else positive_int(text)
-
-
-def positive_float(text: str) -> float:
-    """``--memory-budget``: GiB, more than zero (0 would silently mean "the default")."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
-    return value
-
-
-def cli_settings(args: argparse.Namespace) -> list[str]:
-    """The shortcut flags as ``--set`` entries, so every change flows through one path."""
-    flags = {"train.steps": args.max_steps, "train.batch_size": args.batch_size,
-             "train.grad_accum": args.grad_accum, "train.precision": args.precision}
-    settings = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.settings)
-    accum = [s.partition("=")[2] for s in settings if s.startswith("train.grad_accum=")]
-    if args.memory_budget is not None and accum[-1:] != ["0"]:
-        raise ValueError("--memory-budget applies only with --grad-accum auto (train.grad_accum=0)")
-    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,27 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="rebuild results.csv / results.md from the run JSONs under --out")
     table.add_argument("--out", type=folder_arg, default=Path("results"), help="the sweep's or train's --out")
 
-    from lra_dtn import sweep
-
     sweep.add_arguments(sub.add_parser("sweep", help="the LN-vs-DTN grid: tasks x models x norms x seeds"))
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lra_dtn.engine import train
-    from lra_dtn.specs import make_spec
-
-    spec = make_spec(args.task, args.model, args.norm, args.preset, args.seed, cli_settings(args))
-    result = train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,
+    spec = run_spec(args, args.task, args.model, args.norm, args.seed)
+    finished = args.resume and (run_dir(args.out, spec) / RESULT_FILE).exists()
+    if int(os.environ.get("RANK", "0")) == 0 and not finished:  # ranks > 0 wait for rank 0 inside train
+        TASKS.get(spec.task)().prepare(args.data_dir, spec.data)
+    result = engine.train(spec, args.out, args.data_dir, args.cache_dir, resume=args.resume, overwrite=args.overwrite,
                    device=args.device, progress=args.progress, memory_budget_gb=args.memory_budget)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the result; one reports it
+        update_tables(args.out)
         print(f"{result['run_id']}: test accuracy {result['test_acc']:.4f} (val {result['val_acc']:.4f}), "
               f"{result['sec_per_step'] * 1000:.1f} ms/step; table: {args.out / 'results.md'}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lra_dtn.specs import apply_settings
-
     task = TASKS.get(args.task)()
     _, _, options = task.spec(Preset(args.preset), "transformer")
     malformed = [s for s in args.settings if "=" not in s]
@@ -173,8 +94,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    from lra_dtn.results import update_tables
-
     if not args.out.is_dir():
         raise ValueError(f"--out {args.out}: no such folder (pass the --out your runs were written to)")
     update_tables(args.out, figure=True)
@@ -191,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     handler = {"train": cmd_train, "generate": cmd_generate, "table": cmd_table}.get(args.command)
     try:
         if handler is None:
-            from lra_dtn import sweep
-
-            sweep.main(args)
+                    sweep.main(args)
         else:
             handler(args)
     except (DataError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
