@@ -65,6 +65,12 @@ def check_device(x: Tensor) -> None:
                            f"triton is imported); got a {x.device.type} tensor")
 
 
+#: Warps per program of the banded kernels (each holds a few BLOCK x head_dim float32 tiles).
+NUM_WARPS = 8
+#: Triton compiles an integer argument equal to 1 as a constant; the length must stay a run-time value
+#: (the support's arithmetic converts it to float64), and one compiled kernel serves every length.
+NOT_SPECIALIZED = ["T"]
+
 if triton is not None:
 
     @triton.jit
@@ -191,7 +197,7 @@ if triton is not None:
         tl.store(mu_ln + rows, mean, mask=inside)
         tl.store(var_ln + rows, var, mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _forward(x, mask, pos_weight, gate_mean, gate_var, weight, bias, mu_ln, var_ln, y, T, C, D, eps,
                  HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT: tl.constexpr):
@@ -213,7 +219,7 @@ if triton is not None:
         offsets = (b * T + rows.to(tl.int64))[:, None] * C + h * D + cols[None, :]
         tl.store(y + offsets, xhat * w[None, :] + bb[None, :], mask=inside[:, None] & (cols < D)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _backward_rows(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln,
                        coef_a, coef_b, anchor_out, sbar_out, ln_grads, gate_parts, T, C, D, H, eps,
                        HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -255,7 +261,7 @@ if triton is not None:
         tl.store(gate_parts + part, tl.sum(tl.sum(g_mu * (m_ln[:, None] - mu_in), axis=1), axis=0))
         tl.store(gate_parts + part + 1, tl.sum(tl.sum(g_var * (v_ln[:, None] - var_in), axis=1), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _backward_sources(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln,
                           coef_a, coef_b, anchor_in, sbar_in, ln_grads, grad_x, affine_parts, kernel_parts,
                           T, C, D, H, eps, HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr,
@@ -365,6 +371,7 @@ class FusedDTN(torch.autograd.Function):
             x, mask_arg, pos_weight_c, gate_mean.detach(), gate_var.detach(), weight.detach(), bias.detach(),
             mu_ln, var_ln, y, T, C, D, eps,
             HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=_block_d(D), DOT=DOT_PRECISION,
+            num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(x, pos_weight_c, pos_bias, gate_mean, gate_var, weight, bias, mu_ln, var_ln)
         ctx.mask, ctx.num_heads, ctx.eps = mask_u8, num_heads, eps
@@ -383,7 +390,8 @@ class FusedDTN(torch.autograd.Function):
         anchor = torch.empty(B, T, H, device=x.device, dtype=torch.int32)
         sbar, ln_grads = torch.empty(B, T, H, **f32), torch.empty(B, T, H, 2, **f32)
         gate_parts = torch.empty(B, H, tiles, 2, **f32)
-        meta = dict(HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=BD, DOT=DOT_PRECISION)
+        meta = dict(HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=BD, DOT=DOT_PRECISION,
+                    num_warps=NUM_WARPS)
         gates = (gate_mean.detach(), gate_var.detach())
         _backward_rows[(tiles, H, B)](
             x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln,
