@@ -265,7 +265,7 @@ if triton is not None:
     def _backward_sources(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln,
                           coef_a, coef_b, anchor_in, sbar_in, ln_grads, grad_x, affine_parts, kernel_parts,
                           T, C, D, H, eps, HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr):
+                          BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         """Per source tile: the input gradient, and partial sums of the weight/bias and ``w1, w2`` gradients."""
         tile = tl.program_id(0)
         i0 = tile * BLOCK
@@ -329,11 +329,8 @@ if triton is not None:
         # d(m xs)/dxs = m, d(m xs^2)/dxs = 2 m xs
         g_xs += real[:, None] * (g1 + 2.0 * xs * g2)
         # LayerNorm statistics: every head's share, summed over the heads of each token
-        heads = tl.arange(0, BLOCK_H)
-        token_heads = ((b * T + sources) * H)[:, None] + heads[None, :]
-        head_in = inside[:, None] & (heads < H)[None, :]
-        g_mu_ln = tl.sum(tl.load(ln_grads + 2 * token_heads, mask=head_in, other=0.0), axis=1)
-        g_var_ln = tl.sum(tl.load(ln_grads + 2 * token_heads + 1, mask=head_in, other=0.0), axis=1)
+        g_mu_ln = tl.load(ln_grads + 2 * (b * T + sources), mask=inside, other=0.0)
+        g_var_ln = tl.load(ln_grads + 2 * (b * T + sources) + 1, mask=inside, other=0.0)
         g_xs += g_mu_ln[:, None] / C + (2.0 / (C - 1.0)) * g_var_ln[:, None] * (xs - m_ln[:, None])
         g_xs = tl.where(both, g_xs, 0.0)
         # RMS pre-scaling: dx = r (g - xs mean_c(g xs))
@@ -382,7 +379,7 @@ class FusedDTN(torch.autograd.Function):
         x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mu_ln, var_ln = ctx.saved_tensors
         H, eps, mask = ctx.num_heads, ctx.eps, ctx.mask
         B, T, C, D, tiles = _launch_shape(x, H)
-        BD, BH = _block_d(D), max(2, triton.next_power_of_2(H))
+        BD = _block_d(D)
         grad_y = grad_y.contiguous()
         mask_arg = x if mask is None else mask
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -402,8 +399,8 @@ class FusedDTN(torch.autograd.Function):
         kernel_parts = torch.empty(B, H, tiles, 2, **f32)
         _backward_sources[(tiles, H, B)](
             x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln,
-            coef_a, coef_b, anchor, sbar, ln_grads, grad_x, affine_parts, kernel_parts, T, C, D, H, eps,
-            BLOCK_H=BH, **meta,
+            coef_a, coef_b, anchor, sbar, ln_grads.sum(dim=2), grad_x, affine_parts, kernel_parts, T, C, D, H, eps,
+            **meta,
         )
         affine = affine_parts.sum(dim=(0, 2))[..., :D]  # (H, 2, D)
         gate_grads = gate_parts.sum(dim=(0, 2))  # (H, 2): d/d lam_m, d/d lam_v
@@ -416,3 +413,48 @@ class FusedDTN(torch.autograd.Function):
             affine[:, 0].reshape(C).to(weight.dtype), affine[:, 1].reshape(C).to(bias.dtype),
             None, None, None,
         )
+
+
+def support_interval(support: int) -> tuple[int, int]:
+    """``(lo, hi)`` of a kernel ``support`` offsets wide centred on 0 (for :func:`traffic_bytes`)."""
+    lo = -((support - 1) // 2)
+    return lo, lo + support - 1
+
+
+def traffic_bytes(batch: int, length: int, dim: int, num_heads: int, support: int, itemsize: int = 4,
+                  masked: bool = True, block: int | None = None) -> tuple[int, int]:
+    """``(read, written)`` bytes of one forward + backward of the fused path, counted from what its
+    kernels load and store (masked-off lanes move nothing), for activations of ``itemsize`` bytes,
+    a kernel ``support`` offsets wide around 0 and tiles of ``block`` tokens (:data:`BLOCK`).
+
+    Per (sequence, head, tile): the forward and both backward kernels load the tile's sources (the
+    tile plus a halo of the support) once; the backward kernels also read ``grad_y`` and write
+    ``grad_x`` and two float32 coefficients per channel; the rest is per-token or per-program scalars."""
+    block = BLOCK if block is None else block
+    B, T, C, H, a = batch, length, dim, num_heads, itemsize
+    D, tiles = C // H, -(-T // block)
+    BD = max(16, 1 << (D - 1).bit_length())
+    lo, hi = support_interval(min(support, 2 * T - 1))
+    mask_byte = 1 if masked else 0
+    read = written = 0
+    read += B * T * C * a  # _ln_stats: x
+    written += B * T * 8  # mean, variance
+    for tile in range(tiles):
+        j0, rows = tile * block, min(block, T - tile * block)
+        window = min(j0 + block - lo, T) - max(j0 - hi, 0)  # sources of these output tokens
+        transposed = min(j0 + block + hi, T) - max(j0 + lo, 0)  # output tokens these sources reach
+        params = 2 * 8 + 2 * 4  # w1, w2, the two gates
+        sources = window * (D * a + mask_byte)
+        # _forward: sources; mean, variance; weight, bias -> y
+        read += B * H * (params + sources + rows * 8 + 2 * D * 4)
+        written += B * H * rows * D * a
+        # _backward_rows: sources; mean, variance; grad_y; weight -> a, b; d0, sbar, 2 LayerNorm grads; 2 gates
+        read += B * H * (params + sources + rows * (8 + D * a) + D * 4)
+        written += B * H * (rows * (2 * D * 4 + 16) + 8)
+        # _backward_sources: sources; mean, variance; grad_y; weight; the tile's LayerNorm grads (summed over
+        # the heads by torch); a, b, d0, sbar and the mask of every output token that sees the tile -> grad_x
+        read += B * H * (params + sources + rows * (8 + D * a + 8) + D * 4 + transposed * (2 * D * 4 + 8 + mask_byte))
+        written += B * H * (rows * D * a + 2 * BD * 4 + 8)
+    # by torch: the LayerNorm grads summed over the heads; the partial sums of affine (2 BD), gates, kernel
+    parts = B * T * H * 8 + B * H * tiles * (2 * BD + 4) * 4
+    return read + parts, written + B * T * 8 + C * 2 * 4 + H * 4 * 4
