@@ -1,7 +1,7 @@
 """DTN's fused Triton path against the dense float64 reference, run by Triton's interpreter on CPU tensors.
 
-``TRITON_INTERPRET=1`` must be set before triton is first imported (it is read at import): set here,
-before anything imports it. The interpreter executes every program of the grid in Python, so the shapes
+``TRITON_INTERPRET=1`` must be set before triton is first imported (it is read at import); conftest.py
+sets it before anything imports ``lra_dtn``. The interpreter executes every program of the grid in Python, so the shapes
 are small and the tile is 32 tokens, so that sequences of 45 tokens still span two tiles and every
 source loop crosses a tile boundary.
 """
@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="the fused DTN path needs triton (pip install '.[gpu]')")
 
-from lra_dtn import _fused_wip as fused  # noqa: E402
-from lra_dtn.dtn import DynamicTokenNorm  # noqa: E402
-from test_dtn import KERNELS, randomised, reference  # noqa: E402
+from lra_dtn.dtn import DynamicTokenNorm, fused  # noqa: E402
+from lra_dtn.dtn.reference import reference  # noqa: E402
+from test_dtn import KERNELS, randomised  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="needs TRITON_INTERPRET=1 at import")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the fused kernels run on CPU tensors only under TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)

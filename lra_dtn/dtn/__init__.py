@@ -6,12 +6,15 @@ One job per file:
   the registry of paths that compute them (``method``);
 * :mod:`~lra_dtn.dtn.kernel`: the positional prior: logits over token offsets, the kernel's support;
 * :mod:`~lra_dtn.dtn.cpu`: the eager path (depthwise or FFT convolution, hand-written backward);
+* :mod:`~lra_dtn.dtn.fused`: the fused Triton path (``method="fused"``, what ``auto`` takes on CUDA),
+  registered when triton is installed (the extra ``.[gpu]``; CUDA builds of torch ship it);
 * :mod:`~lra_dtn.dtn.reference`: the dense float64 reference every path is tested against.
 
 Importing this package registers ``dtn`` and ``dtn_var`` in :data:`lra_dtn.norms.NORMS`.
 """
 from lra_dtn.dtn.kernel import DYNAMIC_RANGE, TRUNCATION, kernel_logits, local_offsets
 from lra_dtn.dtn.module import PATHS, DynamicTokenNorm, DynamicTokenVarNorm
+from lra_dtn.dtn import fused  # noqa: E402,F401  (registers the "fused" path when triton is installed)
 
 __all__ = [
     "DYNAMIC_RANGE", "PATHS", "TRUNCATION", "DynamicTokenNorm", "DynamicTokenVarNorm", "kernel_logits",

@@ -41,6 +41,8 @@ import os
 import torch
 from torch import Tensor
 
+from lra_dtn.dtn.module import PATHS
+
 try:
     import triton
     import triton.language as tl
@@ -58,8 +60,6 @@ DOT_PRECISION = "tf32x3"
 
 def check_device(x: Tensor) -> None:
     """Refuse, with the reason, inputs the kernels cannot run on."""
-    if triton is None:
-        raise RuntimeError("DTN method 'fused' needs triton: pip install 'lra-dtn[gpu]' (CUDA builds of torch ship it)")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"DTN method 'fused' runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before "
                            f"triton is imported); got a {x.device.type} tensor")
@@ -348,9 +348,19 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def normalize(norm, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The ``fused`` path: DTN of ``x`` with the parameters of ``norm`` (a ``DynamicTokenNorm``)."""
+    check_device(x)
+    return FusedDTN.apply(x, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var, norm.weight,
+                          norm.bias, mask, norm.num_heads, norm.eps)
+
+
+if triton is not None:  # what ``auto`` takes for CUDA tensors
+    PATHS.register("fused")(normalize)
+
+
 class FusedDTN(torch.autograd.Function):
-    """The fused normalizer; the same signature as the CPU path's function. Saves only its inputs and
-    LayerNorm's per-token statistics; backward recomputes the banded sums."""
+    """Saves only its inputs and LayerNorm's per-token statistics; backward recomputes the banded sums."""
 
     @staticmethod
     def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, eps):

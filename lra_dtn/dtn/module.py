@@ -14,8 +14,8 @@ The module owns the parameters; the arithmetic lives in a *path*, chosen by ``me
 reference of :mod:`lra_dtn.dtn.reference`):
 
 * ``conv`` / ``fft``: the eager path of :mod:`lra_dtn.dtn.cpu` with its engine forced;
-* ``auto``: the fused path on CUDA tensors once one is registered as ``fused`` (the GPU hook:
-  ``PATHS.register("fused")(fn)`` from the module that defines it), otherwise the eager path, which
+* ``fused``: the Triton kernels of :mod:`lra_dtn.dtn.fused`, registered when triton is installed;
+* ``auto``: the fused path on CUDA tensors when it is registered, otherwise the eager path, which
   picks its engine per call from the kernel's width.
 
 A path is ``fn(norm, x, mask) -> y``: it reads the parameters from ``norm``.
@@ -60,8 +60,8 @@ class DynamicTokenNorm(Norm):
         locality_strength: scale of the local init (the authors use 1).
         eps: under every square root (1e-5 as in the authors' code).
         method: a name in :data:`PATHS`: ``auto`` (the default), ``conv``, ``fft`` (which still
-            convolves directly where FFT rounding could swamp some token's weights). All give the same
-            numbers to float32 precision.
+            convolves directly where FFT rounding could swamp some token's weights), ``fused`` (CUDA,
+            needs triton). All give the same numbers to float32 precision.
 
     Parameters: ``weight``, ``bias`` ``(C,)``; ``gate_mean``, ``gate_var`` ``(H,)`` (before the sigmoid,
     init 0: both statistics mixed half and half); ``pos_proj``, an ``nn.Linear(2, H)`` on the features
