@@ -140,3 +140,21 @@ def test_fused_refuses_cpu_tensors_without_the_interpreter(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         DynamicTokenNorm(8, 2, method="fused")(torch.randn(1, 4, 8))
+
+
+def test_traffic_model_counts_the_kernels_passes() -> None:
+    """With a one-offset support (no halo) the fused path moves, per activation element: reads of x
+    (statistics, forward, both backward kernels), of grad_y (both backward kernels) and of the two
+    float32 coefficients; writes of y, grad_x and the coefficients; plus per-token scalars."""
+    B, T, C, H, a = 4, 4096, 512, 8, 2
+    read, written = fused.traffic_bytes(B, T, C, H, support=1, itemsize=a, block=64)
+    elements = B * T * C
+    # per-token scalars (statistics, mask, row maxima; read by every head's program) add ~6% here
+    assert 1 < read / (elements * (4 * a + 2 * a + 2 * 4)) < 1.08
+    assert 1 < written / (elements * (2 * a + 2 * 4)) < 1.05
+    # the halo: each 64-token tile of a kernel 15 offsets wide loads 14 more source rows in each of its
+    # three banded kernels (x), and 14 more output rows of coefficients in the last one
+    wide_read, wide_written = fused.traffic_bytes(B, T, C, H, support=15, itemsize=a, block=64)
+    halo_rows = B * H * (T // 64 * 14 - 14)  # 14 rows fewer at the sequence ends: 7 + 7
+    assert wide_written == written
+    assert wide_read - read == halo_rows * (3 * (C // H * a + 1) + 2 * C // H * 4 + 9)
