@@ -8,6 +8,8 @@ source loop crosses a tile boundary.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +160,34 @@ def test_traffic_model_counts_the_kernels_passes() -> None:
     halo_rows = B * H * (T // 64 * 14 - 14)  # 14 rows fewer at the sequence ends: 7 + 7
     assert wide_written == written
     assert wide_read - read == halo_rows * (3 * (C // H * a + 1) + 2 * C // H * 4 + 9)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lra_dtn.dtn import fused
+
+ints = {"rows_total", "T", "C", "D", "H"}
+pointers = {"mask": "*u8", "anchor_out": "*i32", "anchor_in": "*i32"}
+for kernel, constants in [
+    (fused._ln_stats, dict(BLOCK=fused.BLOCK, BLOCK_D=64)),
+    *[(k, dict(HAS_MASK=True, NATS=fused.SUPPORT_NATS, BLOCK=fused.BLOCK, BLOCK_D=64, DOT=fused.DOT_PRECISION))
+      for k in (fused._forward, fused._backward_rows, fused._backward_sources)],
+]:
+    signature = {name: "constexpr" if name in constants else "i32" if name in ints else "fp32" if name == "eps"
+                 else pointers.get(name, "*fp32") for name in kernel.arg_names}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=fused.NUM_WARPS, num_stages=fused.NUM_STAGES))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu() -> None:
+    """The interpreter accepts code the compiler rejects: compile every kernel for sm_90 (H100/H200) with
+    triton's bundled ptxas, which needs no GPU. About 30 s, so not in the default run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]

@@ -65,8 +65,11 @@ def check_device(x: Tensor) -> None:
                            f"triton is imported); got a {x.device.type} tensor")
 
 
-#: Warps per program of the banded kernels (each holds a few BLOCK x head_dim float32 tiles).
+#: Warps per program and software-pipelining depth of the banded kernels. Chosen without a GPU from
+#: ptxas's report for sm_90 (``BLOCK`` 64, head_dim 64): 8 warps and 2 stages spill least (~1 KB per
+#: thread in the forward); to be tuned by timing on the GPU.
 NUM_WARPS = 8
+NUM_STAGES = 2
 #: Triton compiles an integer argument equal to 1 as a constant; the length must stay a run-time value
 #: (the support's arithmetic converts it to float64), and one compiled kernel serves every length.
 NOT_SPECIALIZED = ["T"]
@@ -378,7 +381,7 @@ class FusedDTN(torch.autograd.Function):
             x, mask_arg, pos_weight_c, gate_mean.detach(), gate_var.detach(), weight.detach(), bias.detach(),
             mu_ln, var_ln, y, T, C, D, eps,
             HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=_block_d(D), DOT=DOT_PRECISION,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
         ctx.save_for_backward(x, pos_weight_c, pos_bias, gate_mean, gate_var, weight, bias, mu_ln, var_ln)
         ctx.mask, ctx.num_heads, ctx.eps = mask_u8, num_heads, eps
@@ -398,7 +401,7 @@ class FusedDTN(torch.autograd.Function):
         sbar, ln_grads = torch.empty(B, T, H, **f32), torch.empty(B, T, H, 2, **f32)
         gate_parts = torch.empty(B, H, tiles, 2, **f32)
         meta = dict(HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=BD, DOT=DOT_PRECISION,
-                    num_warps=NUM_WARPS)
+                    num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         gates = (gate_mean.detach(), gate_var.detach())
         _backward_rows[(tiles, H, B)](
             x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln,
