@@ -6,7 +6,7 @@ inter-token moments ``mu_in = P xs`` and ``E2 = P xs^2``, the gate mix with Laye
 the affine. The positional kernel is never tabulated: every program computes its logits in float64 from
 ``w1, w2`` (at ``d ~ 4000`` float32 logits would be off by whole nats).
 
-Five launches, like LayerNorm's two plus one per direction for the banded sums:
+Four kernels (LayerNorm has two), then a few small torch sums of per-program partial results:
 
 * ``_ln_stats``: per token, LayerNorm's mean and (unbiased) variance of ``xs`` over all ``C`` channels,
   from per-head moments. 1 read of ``x``.
@@ -35,7 +35,6 @@ plain moments (``sum_i P (s - sbar) = 0``), but a kernel collapsed onto one far 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -56,15 +55,6 @@ SUPPORT_NATS = 40.0
 BLOCK = 64
 #: float32 products on tensor cores in three TF32 passes: float32 accuracy (plain TF32 is not).
 DOT_PRECISION = "tf32x3"
-
-
-def check_device(x: Tensor) -> None:
-    """Refuse, with the reason, inputs the kernels cannot run on."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"DTN method 'fused' runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before "
-                           f"triton is imported); got a {x.device.type} tensor")
-
-
 #: Warps per program and software-pipelining depth of the banded kernels. Chosen without a GPU from
 #: ptxas's report for sm_90 (``BLOCK`` 64, head_dim 64): 8 warps and 2 stages spill least (~1 KB per
 #: thread in the forward); to be tuned by timing on the GPU.
@@ -73,6 +63,14 @@ NUM_STAGES = 2
 #: Triton compiles an integer argument equal to 1 as a constant; the length must stay a run-time value
 #: (the support's arithmetic converts it to float64), and one compiled kernel serves every length.
 NOT_SPECIALIZED = ["T"]
+
+
+def check_device(x: Tensor) -> None:
+    """Refuse, with the reason, inputs the kernels cannot run on."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"DTN method 'fused' runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before "
+                           f"triton is imported); got a {x.device.type} tensor")
+
 
 if triton is not None:
 
@@ -180,7 +178,7 @@ if triton is not None:
         return mu_in, second, var_in, rstd, (xs - mu) * rstd
 
     @triton.jit
-    def _ln_stats(x, mu_ln, var_ln, rows_total, T, C, D, H, eps, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _ln_stats(x, mu_ln, var_ln, rows_total, C, D, H, eps, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
         """LayerNorm's statistics of ``xs`` over all ``C`` channels, from per-head moments; the
         variance is the unbiased one (the authors' ``torch.var``)."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -374,7 +372,7 @@ class FusedDTN(torch.autograd.Function):
         mu_ln = torch.empty(B, T, device=x.device, dtype=torch.float32)
         var_ln = torch.empty_like(mu_ln)
         pos_weight_c = pos_weight.detach().contiguous()
-        _ln_stats[(triton.cdiv(B * T, BLOCK),)](x, mu_ln, var_ln, B * T, T, C, D, num_heads, eps,
+        _ln_stats[(triton.cdiv(B * T, BLOCK),)](x, mu_ln, var_ln, B * T, C, D, num_heads, eps,
                                                BLOCK=BLOCK, BLOCK_D=_block_d(D))
         y = torch.empty_like(x)
         _forward[(tiles, num_heads, B)](
