@@ -202,6 +202,7 @@ if triton is not None:
     def _forward(x, mask, pos_weight, gate_mean, gate_var, weight, bias, mu_ln, var_ln, y, T, C, D, eps,
                  HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT: tl.constexpr):
+        """``y`` of one tile of tokens of one head of one sequence."""
         j0 = tl.program_id(0) * BLOCK
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
