@@ -1,9 +1,9 @@
 """DTN's fused Triton path against the dense float64 reference, run by Triton's interpreter on CPU tensors.
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (it is read at import); conftest.py
-sets it before anything imports ``lra_dtn``. The interpreter executes every program of the grid in Python, so the shapes
-are small and the tile is 32 tokens, so that sequences of 45 tokens still span two tiles and every
-source loop crosses a tile boundary.
+sets it before anything imports ``lra_dtn``. The interpreter executes every program of the grid in
+Python, so the shapes are small and the tile is 32 tokens: sequences of 45 tokens still span two tiles
+and every source loop crosses a tile boundary. About 30 s on a loaded 2-core machine.
 """
 from __future__ import annotations
 
