@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the fused DTN path needs triton (pip install '.[gpu]')")
 
-from lra_dtn.dtn import DynamicTokenNorm, fused  # noqa: E402
+from lra_dtn.dtn import PATHS, DynamicTokenNorm, fused  # noqa: E402
 from lra_dtn.dtn.reference import reference  # noqa: E402
 from test_dtn import KERNELS, randomised  # noqa: E402
 
@@ -136,6 +137,18 @@ def test_no_host_synchronisation_in_forward_and_backward(monkeypatch) -> None:
     y.backward(torch.ones_like(y))
     monkeypatch.undo()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in norm.parameters())
+
+
+def test_auto_takes_the_fused_path_for_cuda_tensors_only(monkeypatch) -> None:
+    """``auto`` dispatches on the tensor's device: CUDA -> fused (registered with triton installed)."""
+    assert PATHS.get("fused") is fused.normalize
+    calls = []
+    monkeypatch.setitem(PATHS._entries, "fused", lambda norm, x, mask: calls.append(x) or "fused")
+    norm = DynamicTokenNorm(8, 2)
+    cuda_like = SimpleNamespace(is_cuda=True)
+    assert PATHS.get("auto")(norm, cuda_like, None) == "fused" and calls == [cuda_like]
+    assert torch.isfinite(norm(torch.randn(1, 5, 8))).all()
+    assert calls == [cuda_like]  # a CPU tensor took the eager path
 
 
 def test_fused_refuses_cpu_tensors_without_the_interpreter(monkeypatch) -> None:
