@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the fused DTN path needs triton (pip install '.[gpu]')")
+# triton 3.6's interpreter cannot loop over run-time bounds (its scalars are 1-element arrays). The kernels
+# compile with 3.6 as with 3.9 (the script of the slow test below, checked with both by hand).
+pytest.importorskip("triton", minversion="3.9", reason="the fused DTN tests need triton >= 3.9: pip install '.[gpu]'")
 
 from lra_dtn.dtn import PATHS, DynamicTokenNorm, fused  # noqa: E402
 from lra_dtn.dtn.reference import reference  # noqa: E402
