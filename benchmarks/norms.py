@@ -51,7 +51,7 @@ from benchmarks.traffic import count_traffic
 from lra_dtn.config import Preset
 from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm
 from lra_dtn.dtn.cpu import make_plan
-from lra_dtn.dtn.kernel import plan_support
+from lra_dtn.dtn.fused import support_width
 from lra_dtn.norms import build_norm
 from models import MODELS, build_model
 from tasks import TASKS
@@ -224,7 +224,7 @@ def traffic_table(traffic_batch: int) -> list[str]:
             rows.append((label, *eager_traffic(DynamicTokenNorm(C, H, method=method), traffic_batch, T)))
         if fused is not None:
             init = DynamicTokenNorm(C, H)
-            support = plan_support(init.kernel_logits(T).detach()).width
+            support = support_width(init.pos_proj.weight, T)  # the fused kernels' own support
             for label, width in ((f"dtn fused ({support} offsets)", support), (f"dtn fused ({WIDE_SUPPORT} offsets)", WIDE_SUPPORT)):
                 read, written = fused(B, T, C, H, width)
                 rows.append((label, read / (B * T), written / (B * T), 0))

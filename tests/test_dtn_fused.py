@@ -206,3 +206,25 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("length", [1, 2, 300])
+def test_the_host_twin_of_the_support_matches_the_kernels(length: int) -> None:
+    """``support_interval`` (host, for reports) against ``_support`` run by the interpreter."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=fused.NOT_SPECIALIZED)
+    def support_kernel(weights, out, T):
+        i = tl.program_id(0)
+        lo, hi = fused._support(tl.load(weights + 2 * i), tl.load(weights + 2 * i + 1), T, fused.SUPPORT_NATS)
+        tl.store(out + 2 * i, lo)
+        tl.store(out + 2 * i + 1, hi)
+
+    weights = torch.tensor([[0.0, -1.0], [7.0, -1.0], [2000.0, -4.0], [0.0, -40.0], [0.3, -1e-4], [0.0, 0.0],
+                            [2.0, 0.0], [-0.5, 0.0], [0.0, 0.3], [-6.0, 0.05], [1e-3, -1e-9]], dtype=torch.float64)
+    out = torch.empty(len(weights), 2, dtype=torch.int32)
+    support_kernel[(len(weights),)](weights, out, length)
+    assert out.tolist() == [list(fused.support_interval(w1, w2, length)) for w1, w2 in weights.tolist()]
+    lo, hi = fused.support_interval(0.0, -fused.SUPPORT_NATS / 126**2, 4096)  # benchmarks' wide kernel
+    assert (lo, hi) == (-127, 127)

@@ -35,6 +35,7 @@ plain moments (``sum_i P (s - sbar) = 0``), but a kernel collapsed onto one far 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -427,10 +428,23 @@ class FusedDTN(torch.autograd.Function):
         )
 
 
-def support_interval(support: int) -> tuple[int, int]:
-    """``(lo, hi)`` of a kernel ``support`` offsets wide centred on 0 (for :func:`traffic_bytes`)."""
-    lo = -((support - 1) // 2)
-    return lo, lo + support - 1
+def support_interval(w1: float, w2: float, length: int) -> tuple[int, int]:
+    """The offsets ``lo ... hi`` the kernels loop over for a head with logits ``w1 d + w2 d^2``: the host
+    twin of ``_support`` (float64 here as there), for reports; the kernels never call it."""
+    far = length - 1
+    if w2 < 0:
+        root = math.sqrt(max(w1 * w1 - 4.0 * w2 * SUPPORT_NATS, 0.0))
+        lo, hi = (root - w1) / (2.0 * w2), (-root - w1) / (2.0 * w2)
+    else:
+        lo = -SUPPORT_NATS / w1 if w2 == 0 and w1 > 0 else -far
+        hi = SUPPORT_NATS / -w1 if w2 == 0 and w1 < 0 else far
+    return int(min(max(math.floor(lo) - 1, -far), 0)), int(max(min(math.ceil(hi) + 1, far), 0))
+
+
+def support_width(pos_weight: Tensor, length: int) -> int:
+    """Offsets in the widest head's support (``pos_weight``: ``pos_proj.weight``, ``(H, 2)``)."""
+    intervals = [support_interval(w1, w2, length) for w1, w2 in pos_weight.detach().double().tolist()]
+    return max(hi - lo + 1 for lo, hi in intervals)
 
 
 def traffic_bytes(batch: int, length: int, dim: int, num_heads: int, support: int, itemsize: int = 4,
@@ -446,7 +460,9 @@ def traffic_bytes(batch: int, length: int, dim: int, num_heads: int, support: in
     B, T, C, H, a = batch, length, dim, num_heads, itemsize
     D, tiles = C // H, -(-T // block)
     BD = max(16, 1 << (D - 1).bit_length())
-    lo, hi = support_interval(min(support, 2 * T - 1))
+    support = min(support, 2 * T - 1)
+    lo = -((support - 1) // 2)  # centred on 0; only the width matters away from the sequence's ends
+    hi = lo + support - 1
     mask_byte = 1 if masked else 0
     read = written = 0
     read += B * T * C * a  # _ln_stats: x
