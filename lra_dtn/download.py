@@ -2,8 +2,9 @@
 
 Three archives hold every file the tasks read (README, Data): the LRA release (ListOps, Retrieval,
 Pathfinder, Path-X; its folders sit under ``lra_release/lra_release/``, spec §1), the Stanford IMDB
-release (Text) and the CIFAR-10 python release (Image). A task names what it takes from them as
-:class:`Source` entries: one folder under ``--data-dir`` per archive member.
+release (Text) and the CIFAR-10 python release (Image). Each task names what it takes from them in its
+own file (``Task.sources``) as :class:`Source` entries, one folder under ``--data-dir`` per archive
+member; ``run_lra.py download`` hands the chosen tasks' sources to :func:`download`.
 
 What a user can rely on, and why it is built this way:
 
@@ -127,18 +128,11 @@ ARCHIVES = {archive.name: archive for archive in (LRA_RELEASE, IMDB, CIFAR10)}
 
 RELEASE_ROOT = "lra_release/lra_release"  # where the release's folders sit inside its tar (spec §1)
 
-# What each task reads (README, Data). Pathfinder and Path-X take every difficulty folder of their size
-# (the task's contour_length option reads any of them). Text skips the 50,000 unlabelled reviews
-# (train/unsup) the readers never open. CIFAR: 60,000 images of 3,072 bytes are 184 MB of pixels; the
-# pickles add labels and names. The LRA folders' own sizes are unknown (the release is 18.6 GB unpacked).
-TASK_SOURCES: dict[str, tuple[Source, ...]] = {
-    "listops": (Source(LRA_RELEASE, f"{RELEASE_ROOT}/listops-1000", "listops-1000"),),
-    "text": (Source(IMDB, "aclImdb", "aclImdb", only=("README", "train/pos", "train/neg", "test/pos", "test/neg")),),
-    "retrieval": (Source(LRA_RELEASE, f"{RELEASE_ROOT}/tsv_data", "tsv_data"),),
-    "image": (Source(CIFAR10, "cifar-10-batches-py", "cifar-10-batches-py", approx_size=184_320_000),),
-    "pathfinder": (Source(LRA_RELEASE, f"{RELEASE_ROOT}/pathfinder32", "pathfinder32"),),
-    "pathx": (Source(LRA_RELEASE, f"{RELEASE_ROOT}/pathfinder128", "pathfinder128"),),
-}
+
+def release_folder(folder: str) -> Source:
+    """The LRA release's ``lra_release/lra_release/<folder>`` as ``<data-dir>/<folder>``; its unpacked size
+    is unknown (the whole release is 18.6 GB)."""
+    return Source(LRA_RELEASE, f"{RELEASE_ROOT}/{folder}", folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +375,8 @@ def receive(archive: Archive, response: http.client.HTTPResponse, offset: int, p
             bar.update(len(chunk))
     if total is not None and received < total:
         raise DownloadError(stopped("the connection closed early", received, total))
-    say(f"{archive.filename}: {human(received - start)} downloaded in {time.monotonic() - began:.0f} s")
+    resumed = f" (resumed at {human(start)})" if start else ""
+    say(f"{archive.filename}: {human(received - start)} downloaded in {time.monotonic() - began:.0f} s{resumed}")
     return received
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 from lra_dtn.config import ModelConfig, Preset, TrainConfig
 from lra_dtn.data import DataError, cached_splits, file_fingerprint
+from lra_dtn.download import Source, human
 from lra_dtn.registry import Registry
 
 
@@ -48,10 +49,6 @@ class SplitLimits(DataOptions):
             return ""
         return ", first " + "/".join("all" if n is None else str(n) for n in limits) + " train/val/test"
 
-
-#: The LRA release (a gzipped tar; its folders sit under lra_release/lra_release/): ListOps, Retrieval and
-#: Pathfinder files.
-LRA_RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 
 # The encoder shapes of the small presets: ``cpu`` learns on 2 cores in minutes, ``smoke`` runs in
 # seconds. Everything else (vocabulary, pooling, positions) stays official; tasks change what they must.
@@ -101,6 +98,7 @@ class Task:
     presets: ClassVar[Presets]
     dual: ClassVar[bool] = False  # two documents per example (Retrieval)
     generated: ClassVar[bool] = False  # can write its own data (ListOps, Pathfinder)
+    sources: ClassVar[tuple[Source, ...]] = ()  # what `run_lra.py download` fetches for it (lra_dtn.download)
     tokenizer_version: ClassVar[int] = 1  # bump when tokenization changes: invalidates caches
 
     def spec(self, preset: Preset, model: str) -> tuple[ModelConfig, TrainConfig, DataOptions]:
@@ -110,9 +108,23 @@ class Task:
     def prepare(self, data_dir: Path, options: DataOptions) -> list[Path]:
         """Make the task's files present under ``data_dir`` and return them; the commands call this
         before training, once per data setting. Generating tasks write what is missing (and say so);
-        here, the files are only checked, and a :class:`DataError` names what is missing and where it
-        comes from. A download step plugs in here: fetch what :meth:`source_files` finds missing."""
-        return self.source_files(Path(data_dir), options)
+        here, the files are only checked, and a :class:`DataError` names what is missing, where it
+        comes from and the command that fetches it. Nothing is downloaded unasked: the release is
+        8 GB, and a sweep lists a task without data as missing instead."""
+        try:
+            return self.source_files(Path(data_dir), options)
+        except DataError as err:
+            if not self.sources:
+                raise
+            raise DataError(f"{err}; {self.download_hint()}") from None
+
+    def download_hint(self) -> str:
+        """How to fetch the task's files, e.g. ``python run_lra.py download --tasks text (aclImdb_v1.tar.gz,
+        84.13 MB)``."""
+        archives = dict.fromkeys(source.archive for source in self.sources)
+        sizes = ", ".join(f"{a.filename}, {'about ' if a.size is None else ''}{human(a.expected_size)}"
+                          if a.expected_size else a.filename for a in archives)
+        return f"`python run_lra.py download --tasks {self.name}` fetches it ({sizes})"
 
     def source_files(self, data_dir: Path, options: DataOptions) -> list[Path]:
         """The raw files the splits are read from; raises :class:`DataError` naming what is missing

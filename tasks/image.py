@@ -27,10 +27,10 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
+from lra_dtn.download import CIFAR10, Source
 from tasks.base import SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require, smoke_train
 
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR_URL}, unpacked into --data-dir)"
+CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR10.url}, unpacked into --data-dir)"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 SIDE = 32
@@ -153,6 +153,8 @@ PRESETS = Presets(
 class Image(Task):
     name = "image"
     presets = PRESETS
+    # 60,000 images of 3,072 bytes: 184 MB of pixels (the pickles add labels and names), for the estimate.
+    sources = (Source(CIFAR10, "cifar-10-batches-py", "cifar-10-batches-py", approx_size=60_000 * 3072),)
 
     def folder(self, data_dir: Path) -> Path:
         return Path(data_dir) / "cifar-10-batches-py"

@@ -1,8 +1,9 @@
 """ListOps (Nangia & Bowman 2018; LRA "Long ListOps"): reading, tokenizing and generating.
 
 Files: ``<data-dir>/listops-1000/basic_{train,val,test}.tsv`` from the LRA release
-(``lra_release/lra_release/listops-1000/``), or generated here by a port of the official
-generator (LRA ``lra_benchmarks/data/listops.py``, spec §4) when the folder is missing.
+(``lra_release/lra_release/listops-1000/``; ``run_lra.py download --tasks listops``), or generated here
+by a port of the official generator (LRA ``lra_benchmarks/data/listops.py``, spec §4) when the folder is
+missing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
+from lra_dtn.download import release_folder
 from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
                         register_task, smoke_train, tsv_records)
 
@@ -287,6 +289,7 @@ class ListOps(Task):
     name = "listops"
     presets = PRESETS
     generated = True
+    sources = (release_folder("listops-1000"),)
 
     def generate(self, out_dir: Path, options: ListOpsData, workers: int = 1) -> Path:
         return generate(out_dir, options, workers)
@@ -298,8 +301,10 @@ class ListOps(Task):
         """Generates the folder when it is missing (the default on a fresh machine)."""
         folder = self.folder(data_dir, options)
         if not folder.exists():
+            fetch = (f" (`python run_lra.py download --tasks {self.name}` fetches the release's instead)"
+                     if any(source.folder == options.folder for source in self.sources) else "")
             print(f"[listops] {folder} not found: generating {options.num_train}/{options.num_val}/"
-                  f"{options.num_test} examples there (seed {options.seed}); this is done once.", flush=True)
+                  f"{options.num_test} examples there (seed {options.seed}); this is done once{fetch}.", flush=True)
             generate(folder, options, workers=generation_workers())
         return self.source_files(data_dir, options)
 

@@ -2,7 +2,8 @@
 tokenizing and generating. One task class is registered twice, once per image size with its presets.
 
 Files (spec §2.5, §2.6): ``<data-dir>/pathfinder32/curv_contour_length_14/`` (Path-X:
-``pathfinder128/...``), the LRA release's ``lra_release/lra_release/pathfinder32/curv_contour_length_14/``:
+``pathfinder128/...``), the LRA release's ``lra_release/lra_release/pathfinder32/curv_contour_length_14/``
+(``run_lra.py download --tasks pathfinder`` fetches the release's whole ``pathfinder32/``):
 
     metadata/<k>.npy          TEXT despite the extension; one line per image, 11 space-separated fields
     imgs/<k>/sample_<i>.png   8-bit grayscale, 32x32 (Path-X 128x128)
@@ -43,8 +44,9 @@ from PIL import Image
 import tasks.pathfinder_generator as pg
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (LRA_RELEASE_URL, SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers,
-                        register_task, smoke_train)
+from lra_dtn.download import LRA_RELEASE, RELEASE_ROOT, release_folder
+from tasks.base import (SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers, register_task,
+                        smoke_train)
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -114,7 +116,7 @@ class PathfinderData(DataOptions):
 
 def release_name(options: PathfinderData) -> str:
     """Where the official files sit inside the LRA archive (spec §1)."""
-    return f"lra_release/lra_release/pathfinder{options.image_size}/{options.params.difficulty} of {LRA_RELEASE_URL}"
+    return f"{RELEASE_ROOT}/pathfinder{options.image_size}/{options.params.difficulty} of {LRA_RELEASE.url}"
 
 
 def metadata_files(folder: Path) -> list[Path]:
@@ -230,13 +232,14 @@ def generate(out_dir: Path, options: PathfinderData, workers: int = 1) -> Path:
     return target
 
 
-def generation_message(folder: Path, options: PathfinderData, workers: int) -> str:
+def generation_message(folder: Path, options: PathfinderData, workers: int, fetch: str = "") -> str:
+    """What is generated and for how long; ``fetch`` names the command that downloads the release's copy."""
     minutes = options.num_images * CPU_SECONDS_PER_IMAGE.get(options.image_size, 0.5) / max(workers, 1) / 60
     line = (f"{folder} not found: generating {options.num_images:,} {options.image_size}x{options.image_size} "
             f"images there (contour length {options.contour_length}, seed {options.seed}) with {workers} "
             f"worker(s), about {minutes:.1f} min; this is done once.")
     if options.official:
-        line += f" The LRA release has these files as {release_name(options)}: put them there to skip this."
+        line += f" The LRA release has these files as {release_name(options)}: put them there{fetch} to skip this."
     return line
 
 
@@ -328,7 +331,9 @@ class Pathfinder(Task):
         folder = self.folder(data_dir, options)
         if not folder.exists():
             workers = generation_workers()
-            print(f"[{self.name}] {generation_message(folder, options, workers)}", flush=True)
+            fetch = (f" (or run `python run_lra.py download --tasks {self.name}`)"
+                     if any(source.folder == options.root for source in self.sources) else "")
+            print(f"[{self.name}] {generation_message(folder, options, workers, fetch)}", flush=True)
             generate(folder.parent, options, workers)
         return self.source_files(data_dir, options)
 
@@ -376,6 +381,7 @@ class Pathfinder32(Pathfinder):
     name = "pathfinder"
     title = "Pathfinder-32"
     presets = PF32_PRESETS
+    sources = (release_folder("pathfinder32"),)  # every difficulty: contour_length picks one
 
 
 @register_task
@@ -383,3 +389,4 @@ class PathX(Pathfinder):
     name = "pathx"
     title = "Path-X (Pathfinder-128)"
     presets = PATHX_PRESETS
+    sources = (release_folder("pathfinder128"),)

@@ -1,8 +1,8 @@
 """AAN citation matching (LRA "Retrieval"): two byte-level documents per example, one label.
 
 Files: ``<data-dir>/tsv_data/new_aan_pairs.{train,eval,test}.tsv`` from the LRA release
-(https://storage.googleapis.com/long-range-arena/lra_release.gz, a gzipped tar: ``tar xvf`` it and
-copy or link ``lra_release/lra_release/tsv_data`` into ``<data-dir>``). Each line holds 5
+(``run_lra.py download --tasks retrieval``, or by hand: https://storage.googleapis.com/long-range-arena/lra_release.gz,
+a gzipped tar: ``tar xvf`` it and copy or link ``lra_release/lra_release/tsv_data`` into ``<data-dir>``). Each line holds 5
 tab-separated fields ``label, id1, id2, text1, text2``, with no header and no quoting (the official
 ``make_csv_dataset(..., use_quote_delim=False, header=False)``, spec §2.3); ``eval`` is the val split.
 
@@ -22,8 +22,9 @@ from typing import Any, Iterable, Iterator
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
-from tasks.base import (CPU_SHAPE, LRA_RELEASE_URL, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task,
-                        register_task, require, smoke_train, tsv_records)
+from lra_dtn.download import LRA_RELEASE, release_folder
+from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require,
+                        smoke_train, tsv_records)
 from tasks.text import BYTE_VOCAB_SIZE, encode_bytes
 
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}  # our split -> the release's suffix
@@ -99,10 +100,11 @@ class Retrieval(Task):
     presets = PRESETS
     dual = True
     tokenizer_version = 2  # 2: \r ends a record (as CsvDataset), no longer a token; length = the longer document
+    sources = (release_folder("tsv_data"),)
 
     def source_files(self, data_dir: Path, options: RetrievalData) -> list[Path]:
         return [require(pair_file(data_dir, split), f"the LRA release file lra_release/tsv_data/"
-                        f"{pair_file(data_dir, split).name} ({LRA_RELEASE_URL}; tar xvf it and copy or link "
+                        f"{pair_file(data_dir, split).name} ({LRA_RELEASE.url}; tar xvf it and copy or link "
                         f"lra_release/lra_release/tsv_data into --data-dir)")
                 for split in SPLIT_FILES]
 

@@ -1,7 +1,8 @@
 """IMDB byte-level sentiment (LRA "Text"): reading and tokenizing the Stanford release.
 
-Files: ``<data-dir>/aclImdb/{train,test}/{pos,neg}/*.txt``, the Stanford IMDB release
-(http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz, unpacked into ``<data-dir>``). The
+Files: ``<data-dir>/aclImdb/{train,test}/{pos,neg}/*.txt``, the Stanford IMDB release (``run_lra.py
+download --tasks text``, or http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz unpacked into
+``<data-dir>``; the 50,000 unlabelled reviews in ``train/unsup`` are never read, nor downloaded). The
 official pipeline reads the same 25k/25k reviews through TFDS ``imdb_reviews`` (spec §2.2), which
 builds them from this archive: ``text = f.read().strip()`` on the raw bytes, label neg=0, pos=1
 (TFDS ``text/imdb.py``). IMDB has no validation set, so the official val *is* the test set.
@@ -21,11 +22,11 @@ import numpy as np
 
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
+from lra_dtn.download import IMDB, Source
 from tasks.base import (CPU_SHAPE, SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require,
                         smoke_train)
 
-IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-IMDB_WHAT = f"the Stanford IMDB release ({IMDB_URL}, unpacked into --data-dir)"
+IMDB_WHAT = f"the Stanford IMDB release ({IMDB.url}, unpacked into --data-dir)"
 LABELS = {"neg": 0, "pos": 1}  # TFDS ClassLabel(names=["neg", "pos"])
 BYTE_VOCAB_SIZE = 257  # ByteTextEncoder: 256 byte values shifted by one, plus padding 0
 
@@ -91,6 +92,7 @@ PRESETS = Presets(
 class Text(Task):
     name = "text"
     presets = PRESETS
+    sources = (Source(IMDB, "aclImdb", "aclImdb", only=("README", "train/pos", "train/neg", "test/pos", "test/neg")),)
 
     def source_files(self, data_dir: Path, options: TextData) -> list[Path]:
         return [f for split in ("train", "test") for files in review_files(data_dir, split).values() for f in files]

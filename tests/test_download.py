@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from lra_dtn.config import Preset
-from lra_dtn.download import TASK_SOURCES, DownloadError, download, human
+from lra_dtn.data import DataError
+from lra_dtn.app.cli import main
+from lra_dtn.download import DownloadError, download, human
 from tasks import TASKS
 from tasks.listops import ListOpsData, generate
 from test_image import write_cifar
@@ -84,7 +86,7 @@ def sha256(data: bytes) -> str:
 def sources(tasks: str = "all", checksums: dict[str, bytes] | None = None, **changes):
     """The real task sources with the test archives' checksums: those of ``checksums`` (file name ->
     bytes) are catalogued, the others unknown, as the LRA release's are."""
-    names = list(TASK_SOURCES) if tasks == "all" else tasks.split(",")
+    names = TASKS.names() if tasks == "all" else tasks.split(",")
     checksums = checksums or {}
 
     def archive(a):
@@ -92,7 +94,7 @@ def sources(tasks: str = "all", checksums: dict[str, bytes] | None = None, **cha
         known = dict(size=len(data), sha256=sha256(data)) if data is not None else dict(size=None, sha256=None)
         return replace(a, **{**known, "approx_size": None, "unpacked_size": None, **changes})
 
-    return {t: tuple(replace(s, archive=archive(s.archive)) for s in TASK_SOURCES[t]) for t in names}
+    return {t: tuple(replace(s, archive=archive(s.archive)) for s in TASKS.get(t).sources) for t in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_full_download_is_read_by_every_task(server, archives, tmp_path, capsys)
     lines: list[str] = []
     written = run(server, data, checksums={IMDB: archives[IMDB], CIFAR: archives[CIFAR]}, say=lines.append,
                   progress=True)
-    assert sorted(p.name for p in written) == sorted(s.folder for ss in TASK_SOURCES.values() for s in ss)
+    assert sorted(p.name for p in written) == sorted(s.folder for t in TASKS.names() for s in TASKS.get(t).sources)
     assert [(path.rsplit("/", 1)[-1], status) for path, _, status in server.log] == [(LRA, 200), (IMDB, 200),
                                                                                     (CIFAR, 200)]
     for task, sizes in SPLITS.items():
@@ -299,7 +301,7 @@ def test_changed_file_is_caught_by_the_recorded_checksum(server, archives, tmp_p
 
 def test_no_space_refused_up_front(server, archives, tmp_path):
     data = tmp_path / "data"
-    need = len(archives[IMDB]) + len(archives[CIFAR]) + TASK_SOURCES["image"][0].approx_size  # IMDB's unpacked: unknown
+    need = len(archives[IMDB]) + len(archives[CIFAR]) + TASKS.get("image").sources[0].approx_size  # IMDB's unpacked: unknown
     with pytest.raises(DownloadError, match=rf"not enough space in .*data: about {human(need)} needed, 10\.00 kB free"):
         run(server, data, "image,text", checksums=dict(archives), disk_free=lambda path: 10_000)
     assert server.log == [] and not data.exists()
@@ -398,3 +400,59 @@ def test_proxy_from_the_environment(server, tmp_path, monkeypatch):
     quiet(sources("image"), tmp_path / "data", url_base="http://cifar.invalid/files")
     assert server.log == [(f"http://cifar.invalid/files/{CIFAR}", None, 200)]  # the proxy got the absolute URL
     assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_5").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command and the tasks' own sources
+
+
+def test_download_command(server, archives, tmp_path, capsys):
+    """`run_lra.py download` with the tasks' own sources; the LRA release has no catalogued checksum,
+    so the real catalogue serves here unchanged."""
+    data = tmp_path / "data"
+    main(["download", "--tasks", "listops,retrieval", "--data-dir", str(data), "--url-base", server.url,
+          "--no-progress"])
+    out = capsys.readouterr()
+    assert out.err == ""  # --no-progress: no bars
+    lines = out.out.splitlines()
+    assert lines[0] == (f"{LRA}: about 8.23 GB to download from {server.url}/{LRA}; listops-1000, tsv_data: "
+                        "unpacked size unknown, at most 18.60 GB (the whole archive)")
+    assert f"SHA-256 {sha256(archives[LRA])}, recorded in {data / '.downloads' / (LRA + '.json')}" in out.out
+    assert lines[-1] == f"done: listops-1000, tsv_data in {data}"
+    main(["download", "--tasks", "listops", "--data-dir", str(data), "--url-base", server.url, "--no-progress"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"listops: {data / 'listops-1000'} exists: left alone (--force replaces it)", "nothing to download"]
+    assert len(server.log) == 1
+
+
+def test_download_command_errors(tmp_path, capsys, monkeypatch):
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_:
+        main(["download", "--tasks", "pathx", "--data-dir", str(data), "--url", f"lra_release=http://127.0.0.1:{port}/x.gz"])
+    assert exit_.value.code.startswith(f"error: cannot download http://127.0.0.1:{port}/x.gz (")
+    assert not data.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["download", "--url", "lra=file.gz"])
+    assert exit_.value.code == 2 and "expected ARCHIVE=URL with ARCHIVE one of lra_release, imdb, cifar10" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"error: --tasks: unknown task 'imdb'"):
+        main(["download", "--tasks", "imdb"])
+
+
+def test_tasks_name_their_sources_and_prepare_says_how_to_fetch(tmp_path):
+    folders = {name: [s.folder for s in TASKS.get(name).sources] for name in TASKS.names()}
+    assert folders == {"listops": ["listops-1000"], "text": ["aclImdb"], "retrieval": ["tsv_data"],
+                       "image": ["cifar-10-batches-py"], "pathfinder": ["pathfinder32"], "pathx": ["pathfinder128"]}
+    for name in ("text", "retrieval", "image"):  # the tasks that cannot generate their data
+        task = TASKS.get(name)()
+        with pytest.raises(DataError, match=rf"`python run_lra\.py download --tasks {name}` fetches it \("):
+            task.prepare(tmp_path, task.spec(Preset.smoke, "transformer")[2])
+    with pytest.raises(DataError, match=r"fetches it \(aclImdb_v1\.tar\.gz, 84\.13 MB\)$"):
+        TASKS.get("text")().prepare(tmp_path, TASKS.get("text")().spec(Preset.smoke, "transformer")[2])
+    with pytest.raises(DataError, match=r"fetches it \(lra_release\.gz, about 8\.23 GB\)$"):
+        TASKS.get("retrieval")().prepare(tmp_path, TASKS.get("retrieval")().spec(Preset.smoke, "transformer")[2])

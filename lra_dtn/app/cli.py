@@ -1,7 +1,8 @@
-"""Command line: ``train`` (the default), ``generate``, ``table`` and ``sweep``.
+"""Command line: ``train`` (the default), ``generate``, ``download``, ``table`` and ``sweep``.
 
 ``run_lra.py --task listops --model bigbird --norm dtn`` trains one run;
 ``run_lra.py generate listops --out DIR`` writes a generated data set in the official layout;
+``run_lra.py download --tasks text,retrieval`` fetches and unpacks the real data of those tasks;
 ``run_lra.py table --out DIR`` rebuilds the results table from the run JSONs under DIR.
 """
 from __future__ import annotations
@@ -19,15 +20,18 @@ from lra_dtn.app.specs import apply_settings
 from lra_dtn.app.tables import update_tables
 from lra_dtn.config import Preset
 from lra_dtn.data import DataError
+from lra_dtn.download import ARCHIVES, DownloadError, download
 from lra_dtn.norms import NORMS
 from models import MODELS
 from tasks import TASKS
 
-SUBCOMMANDS = ("train", "generate", "table", "sweep")
+SUBCOMMANDS = ("train", "generate", "download", "table", "sweep")
 INTERRUPTED = {  # what Ctrl-C leaves behind, per subcommand
     "train": "the last checkpoint is kept; the same command with --resume goes on from it",
     "sweep": "finished runs and the last checkpoint are kept; the same command goes on from there",
     "generate": "nothing was written (the data folder appears only once complete)",
+    "download": "a partial download is kept in DATA_DIR/.downloads and goes on from there with the same command; "
+                "no task folder was half-written",
     "table": "the previous tables are intact (they are replaced only once complete)",
 }
 
@@ -35,7 +39,8 @@ INTERRUPTED = {  # what Ctrl-C leaves behind, per subcommand
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_lra.py", description="Long-Range Arena with pluggable normalizers (LayerNorm vs DTN).",
-        epilog="Subcommands: train (default), generate, table, sweep. `run_lra.py SUBCOMMAND --help` for each.")
+        epilog="Subcommands: train (default), generate, download, table, sweep. `run_lra.py SUBCOMMAND --help` for "
+               "each.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train and evaluate one run")
@@ -58,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                      help="change a data setting, e.g. --set num_train=1000")
     gen.add_argument("--workers", type=positive_int, default=2, help="processes (default: %(default)s)")
+
+    fetch = sub.add_parser("download", help="fetch and unpack the real data of the chosen tasks (resumable, verified)")
+    fetch.add_argument("--tasks", default="all",
+                       help=f"comma list or all (default: %(default)s); tasks: {', '.join(TASKS.names())}")
+    fetch.add_argument("--data-dir", type=folder_arg, default=Path("data"),
+                       help="where the task folders go; archives are kept in DATA_DIR/.downloads (default: %(default)s)")
+    fetch.add_argument("--force", action="store_true", help="replace task folders that already exist")
+    fetch.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for logs)")
+    fetch.add_argument("--url-base", default=None, metavar="URL",
+                       help="read every archive from URL/<file name>: a mirror, or a local folder holding them")
+    fetch.add_argument("--url", dest="urls", type=archive_url_arg, action="append", default=[], metavar="ARCHIVE=URL",
+                       help=f"one archive's source ({', '.join(ARCHIVES)}): http(s)://, file:// or a local path, "
+                            "read in place (repeatable)")
 
     table = sub.add_parser("table", help="rebuild results.csv / results.md from the run JSONs under --out")
     table.add_argument("--out", type=folder_arg, default=Path("results"), help="the sweep's or train's --out")
@@ -93,6 +111,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {folder} ({task.describe(options)})")
 
 
+def archive_url_arg(text: str) -> tuple[str, str]:
+    """``--url ARCHIVE=URL``: the archive's name must be one of the catalogue's."""
+    name, _, url = text.partition("=")
+    if name not in ARCHIVES or not url:
+        raise argparse.ArgumentTypeError(f"expected ARCHIVE=URL with ARCHIVE one of {', '.join(ARCHIVES)}, got {text!r}")
+    return name, url
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    names = sweep.parse_names(args.tasks, TASKS, "tasks")
+    written = download({name: TASKS.get(name).sources for name in names}, args.data_dir, force=args.force,
+                       progress=args.progress, url_base=args.url_base, urls=dict(args.urls))
+    if written:
+        print(f"done: {', '.join(folder.name for folder in written)} in {args.data_dir}")
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     if not args.out.is_dir():
         raise ValueError(f"--out {args.out}: no such folder (pass the --out your runs were written to)")
@@ -107,13 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `run_lra.py --task ...` means `run_lra.py train --task ...`
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "table": cmd_table}.get(args.command)
+    handler = {"train": cmd_train, "generate": cmd_generate, "download": cmd_download, "table": cmd_table}.get(
+        args.command)
     try:
         if handler is None:
                     sweep.main(args)
         else:
             handler(args)
-    except (DataError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
+    except (DataError, DownloadError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: {INTERRUPTED[args.command]}", file=sys.stderr)
