@@ -141,13 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `run_lra.py --task ...` means `run_lra.py train --task ...`
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "download": cmd_download, "table": cmd_table}.get(
-        args.command)
+    handler = {"train": cmd_train, "sweep": sweep.main, "generate": cmd_generate, "download": cmd_download,
+               "table": cmd_table}[args.command]
     try:
-        if handler is None:
-                    sweep.main(args)
-        else:
-            handler(args)
+        handler(args)
     except (DataError, DownloadError, RunExistsError, ValueError) as err:  # usage and data errors: the message says it all
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
