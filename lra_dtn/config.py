@@ -68,7 +68,8 @@ class ModelConfig:
     # Reformer (LRA models/reformer/reformer.py ReformerAttention defaults, spec §7.4).
     n_hashes: int = 1
     n_buckets: int = 10
-    reformer_faithful: bool = False  # True: official sqrt(d)-multiplied logits, mask ignored, rotations fixed in training
+    # True: every bug and accident of the official code, for every encoder (models/quirks.py lists them).
+    official_quirks: bool = False
 
     @property
     def encoder_length(self) -> int:

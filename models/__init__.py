@@ -4,7 +4,7 @@
 shared encoder, pooling and head, with the normalizer injected by registry name.
 """
 from lra_dtn import dtn, norms  # noqa: F401  (register every normalizer: the encoders' norm slots name them)
-from models.blocks import MODELS, build_model
+from models.blocks import MODELS, build_model, official_config
 from models import transformer, bigbird, reformer  # noqa: F401  (register the encoders)
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "official_config"]

@@ -21,11 +21,16 @@ All three decisions depend on the config alone, never on how much padding a batc
 token's output does not change with extra padding. The price, as in the official code: a sequence much
 shorter than ``max_len`` keeps its window and the first global block, but most of its random blocks
 land in padding. Every real query sees at least its own block, so only padding queries can have no
-valid key; they get zeros. Official quirks not copied: random blocks are drawn
-among all canonical blocks (the official code draws them among the first ``1024 / block`` only,
-``last_idx``); the padding mask is honoured for the blocks added to reach a block multiple; no whole
-extra block is added when the length is already a multiple; attention dropout applies on the sparse
-path too.
+valid key; they get zeros.
+
+Official quirks, corrected by default and restored by ``official_quirks`` (:mod:`models.quirks`):
+random blocks are drawn among the first ``1024 / block`` blocks only (``last_idx``; ListOps' 32 blocks
+of 64 draw among blocks 1-15, and the last two middle rows among 1-11 and 1-12); a whole extra block
+is appended when the length is already a multiple of the block (Pathfinder: 1024 tokens make 17
+blocks, the last global one all padding); the blocks added to reach a block multiple are real keys
+(zero vectors: logit 0, value 0); masked queries output zeros; the graph is seeded by the layer (and
+head) only, not by the run's seed. The official sparse path applies no attention dropout: the official
+preset sets ``attn_dropout = 0`` (``official_settings``); another value is honoured on both paths.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from torch import Tensor, nn
 
 from lra_dtn.config import ModelConfig
 from models.blocks import MODELS, QKVProjection
+from models.quirks import Quirks
 
 WINDOW = 3  # the sliding window in blocks: the query block and its two neighbours
 
@@ -54,15 +60,29 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout_p: float)
     return out * key_valid.any(dim=-1, keepdim=True)
 
 
-def random_blocks(num_blocks: int, num_random: int, seed: int, layer: int, head: int) -> Tensor:
-    """``(num_blocks, r)`` random key blocks per query block, drawn from ``(seed, layer, head)``.
+def random_block_candidates(row: int, num_blocks: int, below: int | None) -> list[int]:
+    """The blocks query block ``row`` may draw its random blocks from: ``1 .. N-2`` outside its window.
 
-    Row ``i`` picks ``r`` distinct blocks among ``1 .. N-2`` outside its window ``i-1 .. i+1``; the
-    global rows 0 and ``N-1`` need none and hold ``-1``."""
-    rng = np.random.default_rng([seed, layer, head])
+    ``below`` (official quirk): only blocks ``< below``; the official rows ``N-3`` and ``N-2`` then stop
+    at ``below - 5`` and ``below - 4`` (their cases in ``get_block_rand_mask`` assume ``below = N``)."""
+    limit = num_blocks - 2 if below is None else min(below - 1, num_blocks - 2)
+    if below is not None and row >= num_blocks - 3:
+        limit = min(limit, below - 5 + (row - (num_blocks - 3)))
+    return [j for j in range(1, limit + 1) if abs(j - row) > 1]
+
+
+def random_blocks(num_blocks: int, num_random: int, seed: list[int], below: int | None = None) -> Tensor:
+    """``(num_blocks, r)`` random key blocks per query block, drawn from the integers ``seed``.
+
+    Row ``i`` picks ``r`` distinct blocks among :func:`random_block_candidates`; the global rows 0 and
+    ``N-1`` need none and hold ``-1``."""
+    rng = np.random.default_rng(seed)
     rows = np.full((num_blocks, num_random), -1, dtype=np.int64)
     for i in range(1, num_blocks - 1):
-        candidates = [j for j in range(1, num_blocks - 1) if abs(j - i) > 1]
+        candidates = random_block_candidates(i, num_blocks, below)
+        if len(candidates) < num_random:
+            raise ValueError(f"block row {i} of {num_blocks} has {len(candidates)} candidate random blocks, "
+                             f"fewer than num_random_blocks={num_random}")
         rows[i] = rng.choice(candidates, size=num_random, replace=False)
     return torch.from_numpy(rows)
 
@@ -71,33 +91,56 @@ def random_blocks(num_blocks: int, num_random: int, seed: int, layer: int, head:
 class BigBirdAttention(nn.Module):
     """Block-sparse attention: global first/last blocks, a 3-block window and random blocks."""
 
+    #: What the official code trained with, whatever the task's config said (applied by the official preset).
+    official_settings = {"attn_dropout": 0.0}  # no dropout on the sparse path (sparse_dot_product_attention)
+
     def __init__(self, cfg: ModelConfig, layer: int = 0, seed: int = 0) -> None:
         super().__init__()
+        quirks = Quirks.of(cfg)
         self.proj = QKVProjection(cfg)
         self.attn_dropout = cfg.attn_dropout
         self.block_size = cfg.block_size
-        canonical_len = cfg.encoder_length  # the Embedding's: max_len, plus one for a CLS token
-        self.num_blocks = math.ceil(canonical_len / cfg.block_size)
+        self.masks_queries = quirks.masks_queries
+        self.canonical_len = cfg.encoder_length  # the Embedding's: max_len, plus one for a CLS token
+        if quirks.whole_padding_block:
+            self.num_blocks = self.canonical_len // cfg.block_size + 1
+        else:
+            self.num_blocks = math.ceil(self.canonical_len / cfg.block_size)
+        # Keys added beyond the canonical length to fill the grid: real only under the official quirk.
+        self.padding_is_real = quirks.padding_block_is_real
         self.dense = self.num_blocks <= 2 + WINDOW + cfg.num_random_blocks
+        # official last_idx = min(padded length, 1024), effective only above two blocks.
+        cap = min(self.num_blocks * cfg.block_size, 1024)
+        below = cap // cfg.block_size if quirks.random_blocks_below_1024 and cap > 2 * cfg.block_size else None
+        graph_seed = [layer] if quirks.graph_seeded_by_layer else [seed, layer]
         # Dense layers have no sparse pattern (and too few blocks to draw random ones from).
         graph = torch.zeros(cfg.num_heads, self.num_blocks, 0, dtype=torch.long) if self.dense else torch.stack(
-            [random_blocks(self.num_blocks, cfg.num_random_blocks, seed, layer, h) for h in range(cfg.num_heads)]
+            [random_blocks(self.num_blocks, cfg.num_random_blocks, [*graph_seed, h], below)
+             for h in range(cfg.num_heads)]
         )
-        # (H, N, r); a pure function of (seed, layer), so it is rebuilt rather than checkpointed.
+        # (H, N, r); a pure function of the config, seed and layer, so it is rebuilt rather than checkpointed.
         self.register_buffer("rand_blocks", graph, persistent=False)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        out = self.attend_layout(x, mask)
+        return out * mask[..., None] if self.masks_queries else out
+
+    def attend_layout(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The attention output of every position (dense when the grid is too small for the pattern)."""
         dropout_p = self.attn_dropout if self.training else 0.0
         if self.dense:
             q, k, v = self.proj.split(x)
             return self.proj.merge(attend(q, k, v, mask[:, None, None, :], dropout_p))
         length, bs = x.shape[1], self.block_size
-        nb = math.ceil(length / bs)
-        if nb > self.num_blocks:
-            raise ValueError(f"sequence of {length} tokens exceeds the {self.num_blocks} blocks of max_len")
+        if length > self.canonical_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the {self.canonical_len} tokens of max_len")
+        # A batch at the canonical length gets the whole grid (with the official quirk, one more block).
+        nb = self.num_blocks if length == self.canonical_len else math.ceil(length / bs)
         pad = nb * bs - length
         q, k, v = self.proj.split(F.pad(x, (0, 0, 0, pad)))
         mask = F.pad(mask, (0, pad), value=False)
+        if self.padding_is_real:
+            mask[:, self.canonical_len:] = True
         last_global = nb == self.num_blocks  # the canonical last block exists in this batch
         # Global rows, the first block (and the last one, when present) against every key, in one call.
         global_q = torch.cat([q[:, :, :bs], q[:, :, -bs:]], dim=2) if last_global else q[:, :, :bs]

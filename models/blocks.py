@@ -6,10 +6,14 @@ bias-free attention projections, a final norm, then pooling and an MLP head. Eve
 ``build_norm(norm, emb_dim, num_heads)`` and is called as ``norm(x, mask)``.
 
 An attention is a class registered in :data:`MODELS` and built as ``cls(cfg, layer, seed)``; it maps
-``(x: (B, T, D), mask: (B, T) bool)`` to ``(B, T, D)`` and must ignore keys where ``mask`` is false.
+``(x: (B, T, D), mask: (B, T) bool)`` to ``(B, T, D)`` and must ignore keys where ``mask`` is false. Its
+``official_settings`` are the config values its official code really trained with, whatever a task's
+config said (:func:`official_config`). The official code's bugs are one switch away
+(``official_quirks``, :mod:`models.quirks`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from lra_dtn.config import ModelConfig
 from lra_dtn.norms import build_norm, check_pooling, masked_token_mean
 from lra_dtn.registry import Registry
+from models.quirks import Quirks
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
 
@@ -36,10 +41,15 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
 
 
 class Embedding(nn.Module):
-    """Tokens (+ CLS) + positions, then dropout. Returns the embedded sequence and its mask."""
+    """Tokens (+ CLS) + positions, then dropout. Returns the embedded sequence and its mask.
+
+    With ``official_quirks`` the mask is the official one: every batch padded to ``max_len``, the mask
+    ``ids > 0`` (pixel value 0 is padding on image tasks) and the CLS token masked like token 0."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.quirks = Quirks.of(cfg)
+        self.max_len = cfg.max_len
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         nn.init.normal_(self.tokens.weight, std=1.0)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.emb_dim)) if cfg.pooling == "cls" else None
@@ -51,13 +61,18 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds max_len {self.max_len}")
+        if self.quirks.pads_to_max_len:
+            ids = F.pad(ids, (0, self.max_len - ids.shape[1]))  # token 0 is the padding id of every task
+            mask = F.pad(mask, (0, self.max_len - mask.shape[1]), value=False)
+        if self.quirks.mask_is_nonzero_ids:
+            mask = ids > 0
         x = self.tokens(ids)
         if self.cls is not None:
-            # The CLS token is always real (the official code copies token 0's mask, a quirk).
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
-            mask = F.pad(mask, (1, 0), value=True)
-        if x.shape[1] > self.positions.shape[0]:
-            raise ValueError(f"sequence of {x.shape[1]} tokens exceeds max_len {self.positions.shape[0]}")
+            cls_mask = mask[:, :1] if self.quirks.cls_copies_first_mask else torch.ones_like(mask[:, :1])
+            mask = torch.cat([cls_mask, mask], dim=1)
         return self.dropout(x + self.positions[: x.shape[1]]), mask
 
 
@@ -118,6 +133,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_cls: type[nn.Module], norm: str, seed: int = 0) -> None:
         super().__init__()
         self.pooling = cfg.pooling
+        self.mean_counts_padding = Quirks.of(cfg).mean_counts_padding
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg, attention_cls(cfg, layer, seed), norm) for layer in range(cfg.num_layers))
         check_pooling(norm, cfg.pooling)
@@ -128,15 +144,16 @@ class Encoder(nn.Module):
         x, mask = self.embed(ids, mask)
         for block in self.blocks:
             x = block(x, mask)
-        return pool(self.final_norm(x, mask), mask, self.pooling)
+        return pool(self.final_norm(x, mask), mask, self.pooling, self.mean_counts_padding)
 
 
-def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
+def pool(x: Tensor, mask: Tensor, mode: str, count_padding: bool = False) -> Tensor:
     """``cls``: the prepended CLS token; ``first``: position 0 of the sequence itself (what the official
-    dual encoder's "CLS" reads, having no CLS token); ``mean``: over real tokens only (the official MEAN
-    also counts padding). ``ModelConfig`` admits only these (``config.POOLINGS``)."""
+    dual encoder's "CLS" reads, having no CLS token); ``mean``: over real tokens only, or over every
+    position when ``count_padding`` (the official MEAN, an official quirk). ``ModelConfig`` admits only
+    these (``config.POOLINGS``)."""
     if mode == "mean":
-        return masked_token_mean(x, mask).squeeze(1)
+        return x.mean(1) if count_padding else masked_token_mean(x, mask).squeeze(1)
     return x[:, 0]
 
 
@@ -190,6 +207,12 @@ class DualClassifier(nn.Module):
         u, v = self.encoder(ids, mask), self.encoder(ids2, mask2)
         features = [u, v] if self.interaction == "concat" else [u, v, u * v, u - v]
         return self.head(torch.cat(features, dim=-1))
+
+
+def official_config(name: str, task_config: ModelConfig) -> ModelConfig:
+    """A task's official config for encoder ``name`` with the settings that encoder's official code really
+    ran (e.g. no attention dropout where the official attention has none): the official preset's model."""
+    return dataclasses.replace(task_config, **MODELS.get(name).official_settings)
 
 
 def build_model(name: str, cfg: ModelConfig, norm: str, seed: int = 0, dual: bool = False) -> nn.Module:

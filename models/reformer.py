@@ -21,22 +21,23 @@ length. The official chunk grows with ``max_len``, so the attention costs ``T^2 
 Reformer paper's linear regime, give buckets of ~64 tokens (``n_buckets = max_len / 64``), as
 ``benchmarks/encoders.py`` does.
 
-Official quirks corrected by default (``reformer_faithful=False``):
+Official quirks, corrected by default and restored by ``official_quirks`` (:mod:`models.quirks`):
+the logits are multiplied by ``sqrt(d)`` (here: divided); the padding mask is ignored, so padding (every
+example padded to ``max_len``, plus 1-10 zero positions, ``chunk_len = 10``) is hashed and attended to;
+q/k/v have the width of the input (``emb_dim``; ``qkv_dim`` is ignored) and there is no output
+projection; the rotations are fixed (``PRNGKey(0)``: the same in every layer, head and step, in
+training too). The official code never applies attention dropout (``dropout_rate`` is accepted and
+unused): the official preset sets ``attn_dropout = 0`` (``official_settings``).
 
-* logits are ``q · k / sqrt(d)``; the official code multiplies by ``sqrt(d)``;
-* the padding mask is honoured; the official code ignores it;
-* ``qkv_dim`` is used and the output projection kept (the official code has neither; keeping them
-  gives every encoder the same projections).
-
-``reformer_faithful=True`` restores the first two, which cost nothing: the logits are multiplied by
-``sqrt(d)`` and the mask is dropped; the rotations are then fixed in training too, as the official
-ones. Differences of the package that stay in both modes: keys are unit-normalised before the dot
-product (official: ``length_norm=False``), and a query attends to itself only when no other key is
-available (official: no self-mask).
+Differences of ``reformer-pytorch`` from the official LSH that no switch undoes: keys are unit-normalised
+before the dot product (official: ``length_norm=False``), and a query attends to itself only when no
+other key is in reach (logit -5e4; official: no self-mask). The rotations are drawn by torch, not JAX,
+so even fixed ones are not the official numbers.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +47,21 @@ from torch import Tensor, nn
 
 from lra_dtn.config import ModelConfig
 from models.blocks import MODELS, QKVProjection
+from models.quirks import Quirks
 
 
 class SharedQKProjection(QKVProjection):
     """``QKVProjection`` with one projection for queries and keys (Reformer's shared QK).
 
-    ``to_k`` is removed rather than left unused, so every parameter still receives a gradient."""
+    ``to_k`` is removed rather than left unused, so every parameter still receives a gradient. Official
+    quirks: the q/k/v width is ``emb_dim`` and the heads are concatenated with no output projection."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
+        quirks = Quirks.of(cfg)
+        super().__init__(replace(cfg, qkv_dim=cfg.emb_dim) if quirks.qkv_width_is_emb_dim else cfg)
         del self.to_k
+        if quirks.no_output_projection:
+            self.to_out = nn.Identity()
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, T, D) -> 2 x (B, H, T, d)``: the shared query/key and the value."""
@@ -88,17 +94,25 @@ class SeededLSHAttention(LSHAttention):
 class ReformerAttention(nn.Module):
     """Shared-QK LSH attention (``reformer_pytorch.LSHAttention``), heads folded into the batch."""
 
+    #: What the official code trained with, whatever the task's config said (applied by the official preset).
+    official_settings = {"attn_dropout": 0.0}  # reformer_attention.py never uses its dropout_rate
+
     def __init__(self, cfg: ModelConfig, layer: int = 0, seed: int = 0) -> None:
         super().__init__()
         if cfg.n_buckets < 2 or cfg.n_buckets % 2:
             raise ValueError(f"n_buckets must be even and >= 2 (angular LSH), got {cfg.n_buckets}")
+        quirks = Quirks.of(cfg)
         self.proj = SharedQKProjection(cfg)
-        self.faithful = cfg.reformer_faithful
-        self.bucket_size = math.ceil(cfg.encoder_length / cfg.n_buckets)
+        self.ignores_mask = quirks.ignores_mask
+        self.logits_times_sqrt_d = quirks.logits_times_sqrt_d
+        # official: the length padded with 1 to chunk_len = 10 positions before it is cut into buckets.
+        length = (cfg.encoder_length // 10 + 1) * 10 if quirks.whole_padding_chunk else cfg.encoder_length
+        self.bucket_size = math.ceil(length / cfg.n_buckets)
         # LSHAttention needs a multiple of 2 buckets (its rotations give +-projections in pairs).
-        self.canonical_len = math.ceil(cfg.encoder_length / (2 * self.bucket_size)) * 2 * self.bucket_size
+        self.canonical_len = math.ceil(length / (2 * self.bucket_size)) * 2 * self.bucket_size
         self.lsh = SeededLSHAttention(
-            rotation_seed=seed * 1_000_003 + layer, fixed_in_training=cfg.reformer_faithful,
+            rotation_seed=0 if quirks.fixed_rotations else seed * 1_000_003 + layer,
+            fixed_in_training=quirks.fixed_rotations,
             dropout=cfg.attn_dropout, bucket_size=self.bucket_size, n_hashes=cfg.n_hashes, causal=False,
         )
 
@@ -106,15 +120,15 @@ class ReformerAttention(nn.Module):
         heads, length = self.proj.heads, x.shape[1]
         if length > self.canonical_len:
             raise ValueError(f"sequence of {length} tokens is longer than max_len allows ({self.canonical_len})")
-        # Padded positions enter as zero vectors, whatever the batch held (faithful: as they come, since
-        # the official code lets padding into the attention).
-        qk, v = self.proj.split(x if self.faithful else x * mask[..., None])
+        # Padded positions enter as zero vectors, whatever the batch held (official quirk: as they come,
+        # since the official code lets padding into the attention).
+        qk, v = self.proj.split(x if self.ignores_mask else x * mask[..., None])
         pad = self.canonical_len - length
         qk, v = (rearrange(F.pad(t, (0, 0, 0, pad)), "b h t d -> (b h) t d") for t in (qk, v))
-        mask = F.pad(mask, (0, pad), value=False).repeat_interleave(heads, dim=0)
-        if self.faithful:
+        mask = None if self.ignores_mask else F.pad(mask, (0, pad), value=False).repeat_interleave(heads, dim=0)
+        if self.logits_times_sqrt_d:
             # The package scales by d^-1/2; the official code by d^+1/2. Hashing is scale-invariant.
-            qk, mask = qk * qk.shape[-1], None
+            qk = qk * qk.shape[-1]
         out, _, _ = self.lsh(qk, v, input_mask=mask)
         out = rearrange(out, "(b h) t d -> b h t d", h=heads)[:, :, :length]
         return self.proj.merge(out)

@@ -178,7 +178,7 @@ def test_cli_refuses_bad_values_naming_the_option(tmp_path, capsys):
                                ("train.betas=0.9", r"TrainConfig.betas must be two numbers"),
                                ("train.schedule=foo", r"TrainConfig.schedule must be one of rsqrt, cosine"),
                                ("model.pooling=max", r"ModelConfig.pooling must be one of cls, mean"),
-                               ("model.reformer_faithful=maybe", r"reformer_faithful=maybe: expected true or false")):
+                               ("model.official_quirks=maybe", r"official_quirks=maybe: expected true or false")):
         with pytest.raises(SystemExit, match=complaint):
             main([*base, "--set", setting])
     assert not (tmp_path / "out").exists()  # all refused before any training

@@ -20,7 +20,11 @@ def config(**kw) -> ModelConfig:
 def two_bucket_reference(attn: ReformerAttention, x: torch.Tensor, mask: torch.Tensor, faithful: bool) -> torch.Tensor:
     """With 2 buckets every chunk sees itself and the other one, so LSH attention is full attention
     with the package's rules: keys are unit-normalised, a token attends to itself only when nothing
-    else is available (logit -5e4), and (corrected mode) padding is masked for keys and queries."""
+    else is available (logit -5e4), and (corrected mode) padding is masked for keys and queries.
+    Official quirks: the zero positions appended up to the canonical length are keys like any other."""
+    length = x.shape[1]
+    if faithful:
+        x = torch.nn.functional.pad(x, (0, 0, 0, attn.canonical_len - length))
     qk, v = attn.proj.split(x)
     d = qk.shape[-1]
     logits = qk @ torch.nn.functional.normalize(qk, dim=-1).transpose(-1, -2)
@@ -30,14 +34,16 @@ def two_bucket_reference(attn: ReformerAttention, x: torch.Tensor, mask: torch.T
         logits = logits.masked_fill(~pair, -torch.finfo(logits.dtype).max)
     eye = torch.eye(x.shape[1], dtype=torch.bool)
     logits = logits.masked_fill(eye, -5e4)
-    return attn.proj.merge(torch.softmax(logits, dim=-1) @ v)
+    return attn.proj.merge(torch.softmax(logits, dim=-1) @ v)[:, :length]
 
 
 @pytest.mark.parametrize("faithful", [False, True])
 def test_equals_full_attention_when_there_are_two_buckets(faithful):
     torch.manual_seed(0)
-    attn = ReformerAttention(config(n_buckets=2, reformer_faithful=faithful)).double().eval()
-    assert attn.bucket_size == 20  # ceil((39 + CLS) / 2): 40 tokens fill the two buckets exactly
+    attn = ReformerAttention(config(n_buckets=2, official_quirks=faithful)).double().eval()
+    # ceil((39 + CLS) / 2): 40 tokens fill the two buckets exactly; official quirk: 40 + 10 zero positions
+    # (chunk_len 10) make buckets of 25.
+    assert attn.bucket_size == (25 if faithful else 20)
     x = torch.randn(2, 40, 24, dtype=torch.double)
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[1, 25:] = False
@@ -53,7 +59,7 @@ def test_corrected_mode_ignores_padding_and_faithful_mode_does_not():
     noisy = x.clone()
     noisy[:, 25:] = torch.randn(1, 15, 24, dtype=torch.double)  # other padding values
     for faithful in (False, True):
-        attn = ReformerAttention(config(n_buckets=2, reformer_faithful=faithful)).double().eval()
+        attn = ReformerAttention(config(n_buckets=2, official_quirks=faithful)).double().eval()
         same = torch.allclose(attn(x, mask[None])[:, :25], attn(noisy, mask[None])[:, :25])
         assert same != faithful
 
@@ -87,12 +93,12 @@ def test_training_draws_fresh_rotations_unless_faithful():
     x, mask = torch.randn(2, 40, 24), torch.ones(2, 40, dtype=torch.bool)
     attn = ReformerAttention(config()).train()
     assert not torch.allclose(attn(x, mask), attn(x, mask))
-    faithful = ReformerAttention(config(reformer_faithful=True)).train()
+    faithful = ReformerAttention(config(official_quirks=True)).train()
     assert torch.equal(faithful(x, mask), faithful(x, mask))  # the official fixed rotations
 
 
 def test_seeded_rotations_leave_attention_dropout_random():
-    attn = ReformerAttention(config(reformer_faithful=True, attn_dropout=0.5)).train()
+    attn = ReformerAttention(config(official_quirks=True, attn_dropout=0.5)).train()
     x, mask = torch.randn(2, 40, 24), torch.ones(2, 40, dtype=torch.bool)
     assert not torch.allclose(attn(x, mask), attn(x, mask))
 
