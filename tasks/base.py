@@ -9,6 +9,7 @@ before training; ``load`` (the engine's) only reads.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,14 @@ class DataOptions:
     ``mask_zero_tokens``: the official image-task quirk of treating token 0 as padding (§6)."""
 
     mask_zero_tokens: bool = False
+
+
+def pixel_zero_rule(options: DataOptions, model: ModelConfig | None) -> str:
+    """The image tasks' pixel-0 rule as the results table names it (``mask_zero_tokens``, or the official
+    ``inputs > 0`` mask that ``official_quirks`` brings with it)."""
+    if model is not None and model.official_quirks:
+        return "official quirks (pixel 0 masked as the official inputs > 0 mask does)"
+    return "pixel 0 masked as padding (official quirk)" if options.mask_zero_tokens else "pixel 0 a real token"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,18 @@ CPU_SHAPE = dict(num_layers=2, emb_dim=64, qkv_dim=64, mlp_dim=128, num_heads=4,
 SMOKE_SHAPE = dict(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, num_heads=4)
 
 
+def sparse_attention_scale(encoder_length: int) -> dict[str, int]:
+    """BigBird's block for a ``cpu`` or ``smoke`` sequence of ``encoder_length`` tokens, so that the sparse
+    encoders run their own pattern there, as at full length, rather than full attention.
+
+    BigBird: the official grid is 16 blocks of 64 per 1,024 tokens (Text, Image, Pathfinder); the block
+    is that grid scaled to the length, ``length / 16`` rounded to a power of two, at most the official 64:
+    12 to 23 blocks, always more than the 8 that the pattern needs (ListOps cpu: 101 tokens, 13 blocks of
+    8, where blocks of 64 made 2 and fell back to dense attention). Reformer: ``n_buckets`` stays the
+    official 10 over the length, so its buckets (``length / 10``) already scale with it."""
+    return {"block_size": min(64, 1 << max(0, round(math.log2(encoder_length / 16))))}
+
+
 def smoke_train(official: TrainConfig, batch_size: int = 8) -> TrainConfig:
     """The ``smoke`` loop of every task: 20 steps, evaluated and checkpointed twice."""
     return replace(official, batch_size=batch_size, steps=20, warmup=5, eval_every=10, checkpoint_every=10)
@@ -74,7 +95,10 @@ class SmallPreset:
 @dataclass(frozen=True)
 class Presets:
     """A task's three presets, each stated once in its module. ``models`` holds the official model
-    config per encoder where the LRA release has one; an encoder without gets the Transformer's."""
+    config per encoder where the LRA release has one (as its config files say it; what an encoder's
+    official code ignored, e.g. attention dropout, the application's ``make_spec`` corrects with the
+    encoder's ``official_settings``); an encoder without gets the Transformer's. The small presets scale
+    the sparse attentions to their length (:func:`sparse_attention_scale`)."""
 
     models: Mapping[str, ModelConfig]
     train: TrainConfig
@@ -88,7 +112,8 @@ class Presets:
         if preset == Preset.official:
             return official, self.train, self.data
         small: SmallPreset = getattr(self, Preset(preset).value)
-        return replace(official, **small.model), small.train, small.data
+        model_cfg = replace(official, **small.model)
+        return replace(model_cfg, **sparse_attention_scale(model_cfg.encoder_length)), small.train, small.data
 
 
 class Task:

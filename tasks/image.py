@@ -28,7 +28,8 @@ import numpy as np
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
 from lra_dtn.download import CIFAR10, Source
-from tasks.base import SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, register_task, require, smoke_train
+from tasks.base import (SMOKE_SHAPE, Presets, SmallPreset, SplitLimits, Task, pixel_zero_rule, register_task, require,
+                        smoke_train)
 
 CIFAR_WHAT = f"the CIFAR-10 python release ({CIFAR10.url}, unpacked into --data-dir)"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -172,5 +173,5 @@ class Image(Task):
         return {split: islice(rows, options.limit(split)) for split, rows in splits.items()}
 
     def describe(self, options: ImageData, model: ModelConfig | None = None) -> str:
-        zero = "pixel 0 masked as padding (official quirk)" if options.mask_zero_tokens else "pixel 0 a real token"
+        zero = pixel_zero_rule(options, model)
         return f"CIFAR-10 gray (TF formula), 45k/5k/10k in file order, {zero}{options.describe_limits()}"

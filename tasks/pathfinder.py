@@ -45,8 +45,8 @@ import tasks.pathfinder_generator as pg
 from lra_dtn.config import ModelConfig, TrainConfig
 from lra_dtn.data import DataError
 from lra_dtn.download import LRA_RELEASE, RELEASE_ROOT, release_folder
-from tasks.base import (SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers, register_task,
-                        smoke_train)
+from tasks.base import (SMOKE_SHAPE, DataOptions, Presets, SmallPreset, Task, generation_workers, pixel_zero_rule,
+                        register_task, smoke_train)
 
 VOCAB_SIZE = 256  # pixel levels are the tokens
 NUM_CLASSES = 2
@@ -372,8 +372,7 @@ class Pathfinder(Task):
         else:
             source = (f"generated {options.folder}: {options.num_images:,} images (seed {options.seed}), split "
                       f"{options.num_images - 2 * held_out}/{held_out}/{held_out}")
-        zero = "pixel 0 masked as padding (official quirk)" if options.mask_zero_tokens else "pixel 0 a real token"
-        return f"{self.title} {source} with seed {options.split_seed}, {zero}"
+        return f"{self.title} {source} with seed {options.split_seed}, {pixel_zero_rule(options, model)}"
 
 
 @register_task

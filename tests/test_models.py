@@ -2,6 +2,7 @@
 tokens, the Retrieval dual encoder's heads, and every task's configs build and run every encoder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import torch
 from lra_dtn.config import ModelConfig, Preset
 from lra_dtn.norms import NORMS
 from models import MODELS, build_model
+from lra_dtn.app.specs import make_spec
+from models.bigbird import BigBirdAttention
 from models.blocks import pool
+from models.reformer import ReformerAttention
 from tasks import TASKS
 
 ENCODERS = MODELS.names()
@@ -33,9 +37,10 @@ def batch(lengths: list[int], width: int, vocab: int = 13) -> tuple[torch.Tensor
 
 
 def test_each_attention_module_registers_one_encoder():
-    """models/<name>.py registers the encoder <name>: one file per attention, the file named as the choice."""
+    """models/<name>.py registers the encoder <name>: one file per attention, the file named as the choice
+    (besides the shared parts and the official quirks' switch)."""
     files = sorted(p.stem for p in (Path(__file__).parents[1] / "models").glob("*.py")
-                   if p.stem not in ("__init__", "blocks"))
+                   if p.stem not in ("__init__", "blocks", "quirks"))
     assert sorted(MODELS.get(name).__module__ for name in MODELS.names()) == [f"models.{stem}" for stem in files]
     assert sorted(MODELS.names()) == files
 
@@ -125,6 +130,44 @@ def test_every_task_config_runs_every_encoder(task_name, model_name):
     logits.sum().backward()
     embedding = model.encoder.embed.tokens.weight.grad
     assert torch.isfinite(embedding).all() and embedding[ids[0, 0]].abs().sum() > 0  # the input's tokens learn
+
+
+@pytest.mark.parametrize("preset", [Preset.cpu, Preset.smoke])
+@pytest.mark.parametrize("task_name", TASKS.names())
+def test_small_presets_run_bigbird_and_reformer_sparse(task_name, preset):
+    """BigBird's block scales with the preset's length, so it never falls back to dense attention (<= 8
+    blocks); the Reformer keeps more than the 2 buckets with which LSH attention is full attention."""
+    task = TASKS.get(task_name)()
+    bigbird = BigBirdAttention(task.spec(preset, "bigbird")[0])
+    assert not bigbird.dense and 12 <= bigbird.num_blocks
+    reformer = ReformerAttention(task.spec(preset, "reformer")[0])
+    assert reformer.canonical_len // reformer.bucket_size >= 10
+
+
+def test_listops_cpu_bigbird_has_13_blocks_of_8_and_reformer_10_buckets_of_11():
+    cfg = TASKS.get("listops")().spec(Preset.cpu, "bigbird")[0]
+    assert (cfg.encoder_length, cfg.block_size, BigBirdAttention(cfg).num_blocks) == (101, 8, 13)
+    reformer = ReformerAttention(TASKS.get("listops")().spec(Preset.cpu, "reformer")[0])
+    assert (reformer.bucket_size, reformer.canonical_len) == (11, 110)
+    assert TASKS.get("image")().spec(Preset.cpu, "bigbird")[0].block_size == 64  # 1,025 tokens: the official 64
+
+
+@pytest.mark.parametrize("task_name", TASKS.names())
+def test_official_preset_has_no_attention_dropout_where_the_official_code_had_none(task_name):
+    """BigBird's sparse path and the Reformer never apply attention dropout officially; the Transformer
+    keeps its config's. Trained with the official preset, their attentions are deterministic."""
+    config_file = TASKS.get(task_name)().spec(Preset.official, "transformer")[0].attn_dropout
+    runs = {model: make_spec(task_name, model, "ln", "official").model for model in ENCODERS}
+    assert config_file > 0 and runs["transformer"].attn_dropout == config_file
+    assert runs["bigbird"].attn_dropout == 0 == runs["reformer"].attn_dropout
+    assert make_spec(task_name, "bigbird", "ln", "official").variant == ""  # the preset itself
+    if task_name == "listops":  # 2,001 tokens of width 512 in 32 blocks, and 10 buckets of 201
+        torch.manual_seed(0)
+        x, mask = torch.randn(1, 2001, 512), torch.ones(1, 2001, dtype=torch.bool)
+        bigbird = BigBirdAttention(runs["bigbird"]).train()
+        assert not bigbird.dense and torch.equal(bigbird(x, mask), bigbird(x, mask))
+        reformer = ReformerAttention(dataclasses.replace(runs["reformer"], official_quirks=True)).train()
+        assert torch.equal(reformer(x, mask), reformer(x, mask))  # fixed rotations, no dropout
 
 
 def test_head_layers_take_flax_dense_init():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lra_dtn.app.specs import make_spec
 from lra_dtn.config import ModelConfig
 from models import build_model
 from models.bigbird import BigBirdAttention, random_block_candidates
@@ -15,6 +16,7 @@ from models.blocks import Embedding, Encoder
 from models.quirks import OFFICIAL, Quirks
 from models.reformer import ReformerAttention
 from models.transformer import DenseAttention
+from tasks import TASKS
 
 
 def config(**kw) -> ModelConfig:
@@ -27,6 +29,11 @@ def config(**kw) -> ModelConfig:
 def test_one_switch_turns_every_quirk_on_and_the_default_has_none():
     assert Quirks.of(config()) == Quirks() and not any(dataclasses.astuple(Quirks.of(config())))
     assert Quirks.of(config(official_quirks=True)) == OFFICIAL and all(dataclasses.astuple(OFFICIAL))
+    spec = make_spec("pathfinder", "transformer", "ln", "smoke", settings=["model.official_quirks=true"])
+    assert spec.model.official_quirks and spec.variant  # a run of its own
+    pathfinder = TASKS.get("pathfinder")()
+    assert "official quirks" in pathfinder.describe(spec.data, spec.model)  # the table says so
+    assert "pixel 0 a real token" in pathfinder.describe(spec.data, config())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 from lra_dtn.config import Preset, RunSpec
 from lra_dtn.norms import NORMS, check_pooling
 from lra_dtn.registry import UnknownName
-from models import MODELS
+from models import MODELS, official_config
 from tasks import TASKS
 
 
@@ -67,12 +67,15 @@ def split_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
 def make_spec(task: str, model: str, norm: str, preset: str | Preset = Preset.cpu, seed: int = 0,
               settings: list[str] | None = None, train_changes: dict[str, Any] | None = None) -> RunSpec:
     """The preset's config for (task, model), with typed ``train_changes`` (the CLI's shortcut flags) and
-    then ``section.name=value`` settings applied on top."""
+    then ``section.name=value`` settings applied on top. The official preset is the task's config file as
+    the encoder's official code used it (``official_config``: no attention dropout for BigBird and Reformer)."""
     task_cls = TASKS.get(task)
     MODELS.get(model)
     NORMS.get(norm)
     preset = Preset(preset)
     base = task_cls().spec(preset, model)
+    if preset == Preset.official:  # the config file as the encoder's official code used it
+        base = (official_config(model, base[0]), *base[1:])
     changes = split_settings(settings or [])
     flagged = (base[0], dataclasses.replace(base[1], **(train_changes or {})), base[2])
     model_cfg, train_cfg, data_opts = (apply_settings(section, changes[name], name)
