@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
+
+from lra_dtn.workdirs import owned_prefix, remove_abandoned
 
 CACHE_FORMAT = 1  # bump when the cached layout changes, so no stale cache is ever trusted
 
@@ -131,26 +131,6 @@ def describe_sources(fingerprint: list | dict) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else "no files"
 
 
-def _remove_abandoned_builds(cache_root: Path, name: str) -> None:
-    """Building folders of killed processes on this host (their PID is gone): a kill mid-build leaves one
-    behind, as large as the cache. Folders of live processes, or of other hosts, are left alone."""
-    host = socket.gethostname()
-    for folder in Path(cache_root).glob(f".{name}-building-{host}-*"):
-        pid = folder.name.removeprefix(f".{name}-building-{host}-").split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def cached_splits(
     cache_root: Path,
     name: str,
@@ -169,10 +149,9 @@ def cached_splits(
     target = Path(cache_root) / f"{name}-{cache_key(params)}"
     if not target.exists():
         Path(cache_root).mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_builds(cache_root, name)
+        remove_abandoned(cache_root, f".{name}-building-")
         sources = describe_sources(params.get("sources", []))
-        prefix = f".{name}-building-{socket.gethostname()}-{os.getpid()}-"
-        with tempfile.TemporaryDirectory(dir=cache_root, prefix=prefix) as tmp:
+        with tempfile.TemporaryDirectory(dir=cache_root, prefix=owned_prefix(f".{name}-building-")) as tmp:
             splits = {split: _stream_to_arrow(examples, Path(tmp) / "arrow", f"{name}/{split}", sources)
                       for split, examples in build().items()}
             datasets.DatasetDict(splits).save_to_disk(Path(tmp) / "data")

@@ -41,7 +41,6 @@ import os
 import shutil
 import socket
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -49,9 +48,11 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterable, Mapping, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
 from tqdm import tqdm
+
+from lra_dtn.workdirs import make_work_folder, remove_abandoned
 
 CHUNK = 1 << 20
 TIMEOUT = 60  # seconds without a byte before a connection counts as stopped
@@ -470,8 +471,8 @@ def extract(path: Path, archive: Archive, sources: Sequence[Source], data_dir: P
     """Unpack ``sources`` from the archive file ``path`` into ``data_dir``: all of them appear, each under
     its final name, only once the whole archive has been read and verified; on any failure none does."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(data_dir)
-    tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f"{EXTRACTING}{socket.gethostname()}-{os.getpid()}-"))
+    remove_abandoned(data_dir, EXTRACTING)
+    tmp = make_work_folder(data_dir, EXTRACTING)
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -512,26 +513,6 @@ def install(new: Path, target: Path, tmp: Path) -> None:
 
 
 EXTRACTING = ".extracting-"  # prefix of the temporary folders in --data-dir: <prefix><host>-<pid>-<random>
-
-
-def remove_stale(data_dir: Path) -> None:
-    """Temporary folders of extractions killed on this host (their process is gone), which can be as large
-    as the data. Folders of live processes or other hosts are left alone."""
-    host = socket.gethostname()
-    for folder in data_dir.glob(f"{EXTRACTING}{host}-*"):
-        pid = folder.name.removeprefix(f"{EXTRACTING}{host}-").split("-", 1)[0]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

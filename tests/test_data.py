@@ -3,6 +3,7 @@ builds are cleaned up, and two-document examples record their longest document."
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_any_reader_error_names_the_split_and_its_files(tmp_path, after):
 def test_a_killed_build_is_cleaned_up_by_the_next_one(tmp_path):
     cache = tmp_path / "cache"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = data.socket.gethostname()
+    host = socket.gethostname()
     abandoned = cache / f".t-building-{host}-{int(dead.stdout)}-abc"
     running = cache / f".t-building-{host}-{os.getpid()}-def"  # a live process: left alone
     other_host = cache / f".t-building-otherhost-{int(dead.stdout)}-ghi"
