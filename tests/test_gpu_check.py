@@ -17,8 +17,10 @@ def test_the_gpu_check_runs_at_toy_shapes_on_cpu(capsys) -> None:
     assert [row[:2] for row in steps] == [[task, model] for task in ("listops", "text") for model in gpu.MODEL_ROWS]
     for row in steps:  # LN, init, wide ms, then the two time ratios: each ratio is its cells' quotient
         ln, init, wide, r_init, r_wide = map(float, row[2:7])
-        assert math.isclose(r_init, init / ln, rel_tol=0.02, abs_tol=0.01)
-        assert math.isclose(r_wide, wide / ln, rel_tol=0.02, abs_tol=0.01)
+        for ratio, cell in ((r_init, init), (r_wide, wide)):
+            # the cells are rounded to 0.1 ms: at toy shapes (LN ~2 ms) that alone moves the quotient by ~2.5 %
+            rounding = 0.05 * (1 + ratio) / ln
+            assert math.isclose(ratio, cell / ln, rel_tol=0.005, abs_tol=0.01 + rounding)
     norms = [line for line in lines if "LN" in line and "DTN init" in line]
     assert len(norms) == 2
     header = lines.index(next(line for line in lines if line.split()[:3] == ["steps", "LN", "DTN"]))
