@@ -4,6 +4,7 @@
     python -m benchmarks.norms --lengths 1024 --rounds 5
     python -m benchmarks.norms --device cuda --batch 32 --lengths 2000 --precision bf16   # a GPU
     python -m benchmarks.norms --traffic                # bytes per token, LN vs each DTN path, no GPU needed
+    python -m benchmarks.norms --small-model --threads 1  # the cpu-preset ListOps Transformer: DTN's fixed cost
 
 Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
 gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
@@ -29,6 +30,13 @@ on the batch (the batch-free kernel tables are a few KiB), so this is the offici
 token. A fused path, which the dispatcher sees as one op, reports what its kernels load and store
 (``lra_dtn.dtn.fused.traffic_bytes``), for the local init's support and for a 255-offset kernel.
 
+Small model (``--small-model``): where DTN's fixed cost per call shows, the ``cpu`` preset ListOps
+Transformer (``tasks``' cpu config: 2 layers, width 64, 4 heads, batch 32, generated sequences of up to
+100 tokens + CLS, each batch padded to its longest): one norm call forward + backward at the longest
+shape, and one training step (forward, backward, the project's AdamW step), LN and DTN in turn, the
+fastest of ``--rounds`` (at least 5) rounds of 8 steps over the same 8 batches. On a shared machine use
+``--threads 1``: CPU time on one thread is the stable number. Target (issue 11): step DTN/LN <= 1.3.
+
 Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
 and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
 """
@@ -53,6 +61,7 @@ from lra_dtn.dtn import TRUNCATION, DynamicTokenNorm
 from lra_dtn.dtn.cpu import make_plan
 from lra_dtn.dtn.fused import support_width
 from lra_dtn.norms import build_norm
+from lra_dtn.optim import build_optimizer
 from models import MODELS, build_model
 from tasks import TASKS
 
@@ -238,6 +247,58 @@ def traffic_table(traffic_batch: int) -> list[str]:
     return lines
 
 
+#: Batches one timed round of ``--small-model`` steps runs through (the same for LN and DTN).
+SMALL_MODEL_BATCHES = 8
+
+
+def small_model_jobs(kind: str) -> dict[str, callable]:
+    """LN and DTN closures for ``--small-model``: one norm call (``kind="norm"``) or
+    :data:`SMALL_MODEL_BATCHES` training steps (``kind="step"``) of the cpu-preset ListOps Transformer."""
+    model_cfg, train_cfg, data = TASKS.get("listops")().spec(Preset.cpu, "transformer")
+    B, T, C, H = train_cfg.batch_size, model_cfg.encoder_length, model_cfg.emb_dim, model_cfg.num_heads
+    g = torch.Generator().manual_seed(0)
+    jobs = {}
+    if kind == "norm":
+        x = torch.randn(B, T, C, generator=g, requires_grad=True)
+        grad = torch.randn(B, T, C, generator=g)
+        mask = torch.arange(T)[None] < torch.randint(data.min_length + 1, T + 1, (B,), generator=g)[:, None]
+        for name in ("ln", "dtn"):
+            norm = build_norm(name, C, H)
+            jobs[name] = lambda norm=norm: norm(x, mask).backward(grad)
+        return jobs
+    batches = []
+    for _ in range(SMALL_MODEL_BATCHES):
+        lengths = torch.randint(data.min_length, data.max_length + 1, (B,), generator=g)
+        mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+        ids = torch.randint(1, model_cfg.vocab_size, mask.shape, generator=g) * mask
+        batches.append((ids, mask, torch.randint(0, model_cfg.num_classes, (B,), generator=g)))
+    for name in ("ln", "dtn"):
+        torch.manual_seed(0)
+        model = build_model("transformer", model_cfg, name).train()
+        optimizer = build_optimizer(model, train_cfg)
+
+        def steps(model=model, optimizer=optimizer) -> None:
+            for ids, mask, labels in batches:
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(ids, mask), labels).backward()
+                optimizer.step()
+
+        jobs[name] = steps
+    return jobs
+
+
+def print_small_model_table(rounds: int) -> None:
+    """``--small-model``: ms per norm call and per training step, LN and DTN (CPU time), and DTN/LN of
+    the CPU time (of the wall time), a row as soon as it is measured."""
+    print("| cpu-preset ListOps Transformer | LN CPU ms | DTN CPU ms | DTN/LN CPU (wall) |\n|---|---|---|---|")
+    cases = (("norm", "one norm call, fwd + bwd", 1), ("step", "one training step", SMALL_MODEL_BATCHES))
+    for kind, label, per in cases:
+        times = fastest(small_model_jobs(kind), rounds=rounds)
+        ln, dtn = times["ln"], times["dtn"]
+        print(f"| {label} | {1e3 * ln[1] / per:.2f} | {1e3 * dtn[1] / per:.2f} | "
+              f"{ratio(dtn[1], ln[1])} ({ratio(dtn[0], ln[0])}) |", flush=True)
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
@@ -259,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--traffic", action="store_true",
                         help="print the bytes per token LN and each DTN path read and write at the official shapes")
     parser.add_argument("--traffic-batch", type=int, default=2, help="sequences counted for --traffic (per token)")
+    parser.add_argument("--small-model", action="store_true",
+                        help="LN vs DTN in the cpu-preset ListOps Transformer (norm call and training step)")
     parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     DEVICE, PRECISION = torch.device(args.device), args.precision
@@ -273,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         print("Bytes one forward + backward reads and writes per token (float32; DTN at its local init); "
               "passes = total / the activations' bytes per token (4 C); ops = data-moving aten ops")
         print("\n".join(traffic_table(args.traffic_batch)))
+        return
+    if args.small_model:
+        print(f"{torch.get_num_threads()} CPU threads; fastest of {max(5, args.rounds)} rounds", flush=True)
+        print_small_model_table(max(5, args.rounds))
         return
 
     models = [m for m in args.models if m in MODELS]
