@@ -14,12 +14,24 @@ Four kernels (LayerNorm has two), then a few small torch sums of per-program par
   ``j - i`` in the support, blocks of ``BLOCK`` at a time (``tl.dot``), an online softmax (a running
   per-token maximum, as flash attention): exact for every shift, however far the kernel's peak lies
   from a token or how steeply it curves up. Writes ``y``. 1 read (+ halo) and 1 write.
-* ``_backward_rows``: recomputes the same sums for each output token ``j`` and writes what the
-  sources need: ``a = dL/dmu_in / Z`` and ``b = dL/dE2 / Z`` per channel, plus per-token scalars (the row
-  maximum's offset, the softmax's mean of the logit gradient, LayerNorm-statistic gradients).
-* ``_backward_sources``: per source tile, the transposed banded sums ``sum_j P[j, i] (a_j, b_j)``,
-  the logit gradient ``P[j, i] (s[j, i] - sbar_j)``, and the whole input gradient (direct path,
-  LayerNorm statistics, RMS pre-scaling). Parameter gradients leave as per-program partial sums.
+* ``_backward_rows``: recomputes the same sums for each output token ``j`` and writes per-token scalars
+  only: each head's share of the LayerNorm-statistic gradients (a token's every head needs their sum over
+  the heads before its input gradient can be formed, hence a kernel of its own) and gate partial sums.
+* ``_backward_sources``: per source tile, recomputes every output token that sees the tile (the tile
+  itself and, a tile-aligned block at a time, the support's reach on either side) and what it sends back,
+  ``a = dL/dmu_in / Z`` and ``b = dL/dE2 / Z`` per channel; then the transposed banded sums
+  ``sum_j P[j, i] (a_j, b_j)``, the logit gradient ``P[j, i] (s[j, i] - sbar_j)``, and the whole input
+  gradient (direct path, LayerNorm statistics, RMS pre-scaling). Parameter gradients leave as
+  per-program partial sums.
+
+Why recompute ``a, b`` rather than store them: two float32 tensors of the activations' size, written
+by one kernel and read back with a halo by the next, were a third of the path's bytes (2.7x LayerNorm's
+per token at the official ListOps shape, 2.0x without them; ``traffic_bytes``). Recomputing them re-reads
+``x`` and ``grad_y`` of the tile's halo instead and roughly doubles ``_backward_sources``' matrix
+products: the right trade on GPUs whose tensor cores do tens of (three-pass TF32) FLOPs per byte of
+memory, for the local-init kernel of a few offsets. A kernel much wider than ``BLOCK`` pays for it:
+each recomputed block re-reads its own halo (a 255-offset kernel moves 8.5x LayerNorm's bytes, against
+6.3x with stored coefficients, and its backward does ~3x the matrix products).
 
 Support, without a host sync: a real token is its own source, and ``logit(0) = 0``, so every real
 token's row maximum is ``>= 0``; offsets whose logit is below ``-SUPPORT_NATS`` carry less than
@@ -127,16 +139,17 @@ if triton is not None:
         return tl.where(keep, logit, float("-inf")), d
 
     @triton.jit
-    def _inter_token(x, mask, b, h, j0, T, C, D, w1, w2, lo, hi, eps,
+    def _inter_token(x, mask, b, h, j0, rows_first, rows_last, T, C, D, w1, w2, lo, hi, eps,
                      HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         """For output tokens ``j0 ... j0 + BLOCK - 1``: ``sum_i e[j, i] m_i xs_i``, ``sum_i e m xs^2``,
         ``Z = sum_i e m`` with ``e = exp(logit - M_j)``, the offset ``d0`` of the row maximum ``M_j``,
         and the tile's own ``xs``, ``r`` and mask. Online softmax over the source blocks: exact whatever
         the kernel's shift. The blocks are aligned to the tiles, so the tile's own rows are one of them
-        (kept, not loaded again); only the sources in the support are loaded."""
+        (kept, not loaded again); only the sources of the rows ``rows_first ... rows_last - 1`` (a part of
+        the tile, which holds ``j0``) are loaded, and only those rows' results are complete."""
         rows = j0 + tl.arange(0, BLOCK)
-        first = tl.maximum(j0 - hi, 0)
-        last = tl.minimum(j0 + BLOCK - lo, T)  # exclusive
+        first = tl.maximum(rows_first - hi, 0)
+        last = tl.minimum(rows_last - lo, T)  # exclusive
         best = tl.full([BLOCK], float("-inf"), tl.float64)
         anchor = tl.zeros([BLOCK], tl.int32)
         z = tl.zeros([BLOCK], tl.float32)
@@ -209,8 +222,8 @@ if triton is not None:
         b = tl.program_id(2).to(tl.int64)
         w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
         lo, hi = _support(w1, w2, T, NATS)
-        sum1, sum2, z, _, xs, _, real = _inter_token(x, mask, b, h, j0, T, C, D, w1, w2, lo, hi, eps,
-                                                     HAS_MASK, BLOCK, BLOCK_D, DOT)
+        sum1, sum2, z, _, xs, _, real = _inter_token(x, mask, b, h, j0, j0, j0 + BLOCK, T, C, D, w1, w2, lo, hi,
+                                                     eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
         rows = j0 + tl.arange(0, BLOCK)
         inside = rows < T
         mu = tl.load(mu_ln + b * T + rows, mask=inside, other=0.0)
@@ -222,42 +235,79 @@ if triton is not None:
         offsets = (b * T + rows.to(tl.int64))[:, None] * C + h * D + cols[None, :]
         tl.store(y + offsets, xhat * w[None, :] + bb[None, :], mask=inside[:, None] & (cols < D)[None, :])
 
-    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-    def _backward_rows(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln,
-                       coef_a, coef_b, anchor_out, sbar_out, ln_grads, gate_parts, T, C, D, H, eps,
-                       HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT: tl.constexpr):
-        """Per output token: ``a = dL/dmu_in / Z``, ``b = dL/dE2 / Z`` (channels), and the scalars
-        ``d0``, ``sbar / Z``, ``sum_c lam_m g_mu``, ``sum_c lam_v g_var``; gate gradients per program."""
-        tile = tl.program_id(0)
-        j0 = tile * BLOCK
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
-        lo, hi = _support(w1, w2, T, NATS)
-        sum1, sum2, z, anchor, xs, _, real = _inter_token(x, mask, b, h, j0, T, C, D, w1, w2, lo, hi, eps,
-                                                          HAS_MASK, BLOCK, BLOCK_D, DOT)
+    @triton.jit
+    def _output_gradients(x, mask, grad_y, weight, mu_ln, var_ln, b, h, j0, rows_first, rows_last, T, C, D,
+                          w1, w2, lo, hi, lam_m, lam_v, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """Recomputes the output tokens ``rows_first ... rows_last - 1`` of the tile at ``j0`` (the tile's
+        other rows come out zero) and what their gradient sends back, in this order:
+
+        * for their sources: ``a = dL/dmu_in / Z`` and ``b = dL/dE2 / Z`` per channel, ``sbar / Z`` and the
+          offset ``d0`` of the row maximum;
+        * for themselves: ``g_mu = dL/dmu`` and ``g_var = dL/dvar`` per channel, ``mu_in``, ``var_in``;
+        * the rows' ``xs``, ``r``, mask (0 outside the range), ``grad_y``, ``xhat`` and LayerNorm statistics."""
+        sum1, sum2, z, anchor, xs, r, real = _inter_token(x, mask, b, h, j0, rows_first, rows_last, T, C, D, w1, w2,
+                                                          lo, hi, eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
         rows = j0 + tl.arange(0, BLOCK)
         cols = tl.arange(0, BLOCK_D)
-        inside = rows < T
-        both = inside[:, None] & (cols < D)[None, :]
-        m_ln = tl.load(mu_ln + b * T + rows, mask=inside, other=0.0)
-        v_ln = tl.load(var_ln + b * T + rows, mask=inside, other=0.0)
+        needed = (rows >= rows_first) & (rows < rows_last) & (rows < T)
+        m_ln = tl.load(mu_ln + b * T + rows, mask=needed, other=0.0)
+        v_ln = tl.load(var_ln + b * T + rows, mask=needed, other=0.0)
+        real = tl.where(needed, real, 0.0)
         mu_in, second, var_in, rstd, xhat = _standardise(xs, real, sum1, sum2, z, m_ln, v_ln, lam_m, lam_v, eps)
         offsets = (b * T + rows.to(tl.int64))[:, None] * C + h * D + cols[None, :]
         w = tl.load(weight + h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-        g_xhat = tl.load(grad_y + offsets, mask=both, other=0.0).to(tl.float32) * w[None, :]
+        gy = tl.load(grad_y + offsets, mask=needed[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        g_xhat = gy * w[None, :]
         g_mu = -g_xhat * rstd  # dL/dmu, per channel
         g_var = -0.5 * g_xhat * xhat * rstd * rstd  # dL/dvar
         g_var_in = tl.where(var_in > 0, (1.0 - lam_v) * g_var, 0.0)
         inv_z = tl.where(real > 0, 1.0 / tl.maximum(z, 1e-30), 0.0)
         coef1 = (1.0 - lam_m) * g_mu - 2.0 * mu_in * g_var_in  # dL/dmu_in through mu and var_in
         sbar = tl.sum(coef1 * mu_in + g_var_in * second, axis=1)
-        tl.store(coef_a + offsets, coef1 * inv_z[:, None], mask=both)
-        tl.store(coef_b + offsets, g_var_in * inv_z[:, None], mask=both)
+        return (coef1 * inv_z[:, None], g_var_in * inv_z[:, None], sbar * inv_z, anchor,
+                g_mu, g_var, mu_in, var_in,
+                xs, r, real, gy, xhat, m_ln, v_ln)
+
+    @triton.jit
+    def _transposed_sums(g1, g2, g_w1, g_w2, a, bq, sbar, d0, row_real, rows, sources, xs, real, w1, w2, lo, hi,
+                         DOT: tl.constexpr):
+        """Adds one block of output tokens ``rows`` (coefficients from :func:`_output_gradients`) to the
+        source tile's transposed banded sums ``sum_j P[j, i] (a_j, b_j)`` and to its ``w1, w2`` gradients,
+        the logit gradient ``P[j, i] (s[j, i] - sbar_j)`` times ``d - d0`` and ``(d - d0)(d + d0)``."""
+        d0f = d0.to(tl.float64)
+        best = tl.where(row_real, w1 * d0f + w2 * d0f * d0f, float("inf"))  # padded rows: e = 0
+        logit, d = _logits(rows, sources, w1, w2, lo, hi, real > 0)
+        e = tl.exp((logit - best[:, None]).to(tl.float32))
+        g1 = g1 + tl.dot(tl.trans(e), a, input_precision=DOT)
+        g2 = g2 + tl.dot(tl.trans(e), bq, input_precision=DOT)
+        v1 = xs * real[:, None]
+        s = tl.dot(a, tl.trans(v1), input_precision=DOT) + tl.dot(bq, tl.trans(v1 * xs), input_precision=DOT)
+        g_logit = e * (s - sbar[:, None])
+        centred = (d - d0[:, None]).to(tl.float32)
+        g_w1 = g_w1 + tl.sum(g_logit * centred, axis=0)
+        g_w2 = g_w2 + tl.sum(g_logit * centred * (d + d0[:, None]).to(tl.float32), axis=0)
+        return g1, g2, g_w1, g_w2
+
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
+    def _backward_rows(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln, ln_grads, gate_parts,
+                       T, C, D, H, eps, HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """Per output token, the per-head shares of the LayerNorm-statistic gradients ``sum_c lam_m g_mu``
+        and ``sum_c lam_v g_var`` (a token's every head needs their sum over the heads, hence a kernel of
+        its own); the gate gradients per program."""
+        tile = tl.program_id(0)
+        j0 = tile * BLOCK
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
+        lo, hi = _support(w1, w2, T, NATS)
+        _, _, _, _, g_mu, g_var, mu_in, var_in, _, _, _, _, _, m_ln, v_ln = _output_gradients(
+            x, mask, grad_y, weight, mu_ln, var_ln, b, h, j0, j0, j0 + BLOCK, T, C, D, w1, w2, lo, hi, lam_m, lam_v,
+            eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
+        rows = j0 + tl.arange(0, BLOCK)
+        inside = rows < T
         token = (b * T + rows) * H + h
-        tl.store(anchor_out + token, anchor, mask=inside)
-        tl.store(sbar_out + token, sbar * inv_z, mask=inside)
         tl.store(ln_grads + 2 * token, lam_m * tl.sum(g_mu, axis=1), mask=inside)
         tl.store(ln_grads + 2 * token + 1, lam_v * tl.sum(g_var, axis=1), mask=inside)
         part = ((b * H + h) * tl.num_programs(0) + tile) * 2
@@ -265,11 +315,13 @@ if triton is not None:
         tl.store(gate_parts + part + 1, tl.sum(tl.sum(g_var * (v_ln[:, None] - var_in), axis=1), axis=0))
 
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
-    def _backward_sources(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln,
-                          coef_a, coef_b, anchor_in, sbar_in, ln_grads, grad_x, affine_parts, kernel_parts,
-                          T, C, D, H, eps, HAS_MASK: tl.constexpr, NATS: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-        """Per source tile: the input gradient, and partial sums of the weight/bias and ``w1, w2`` gradients."""
+    def _backward_sources(x, mask, grad_y, pos_weight, gate_mean, gate_var, weight, mu_ln, var_ln, ln_grads, grad_x,
+                          affine_parts, kernel_parts, T, C, D, H, eps, HAS_MASK: tl.constexpr, NATS: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        """Per source tile: the input gradient, and partial sums of the weight/bias and ``w1, w2`` gradients.
+        The output tokens that see the tile are recomputed, a block at a time, not stored by
+        ``_backward_rows``: for a narrow kernel, two float32 tensors written and read back cost more bytes
+        than the ``x`` and ``grad_y`` they are recomputed from (see :func:`traffic_bytes`)."""
         tile = tl.program_id(0)
         i0 = tile * BLOCK
         h = tl.program_id(1)
@@ -280,57 +332,32 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         inside = sources < T
         both = inside[:, None] & (cols < D)[None, :]
-        offsets = (b * T + sources.to(tl.int64))[:, None] * C + h * D + cols[None, :]
-        # this tile as output tokens: the direct path and the weight/bias gradients
-        sum1, sum2, z, _, xs, r, real = _inter_token(x, mask, b, h, i0, T, C, D, w1, w2, lo, hi, eps,
-                                                     HAS_MASK, BLOCK, BLOCK_D, DOT)
-        m_ln = tl.load(mu_ln + b * T + sources, mask=inside, other=0.0)
-        v_ln = tl.load(var_ln + b * T + sources, mask=inside, other=0.0)
-        _, _, _, rstd, xhat = _standardise(xs, real, sum1, sum2, z, m_ln, v_ln, lam_m, lam_v, eps)
-        gy = tl.load(grad_y + offsets, mask=both, other=0.0).to(tl.float32)
-        w = tl.load(weight + h * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        # this tile as output tokens: the direct path, the weight/bias gradients, its share of the banded sums
+        a, bq, sbar, d0, g_mu, _, _, _, xs, r, real, gy, xhat, m_ln, _ = _output_gradients(
+            x, mask, grad_y, weight, mu_ln, var_ln, b, h, i0, i0, i0 + BLOCK, T, C, D, w1, w2, lo, hi, lam_m, lam_v,
+            eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
         part = ((b * H + h) * tl.num_programs(0) + tile) * 2 * BLOCK_D
         tl.store(affine_parts + part + cols, tl.sum(gy * xhat, axis=0))
         tl.store(affine_parts + part + BLOCK_D + cols, tl.sum(gy, axis=0))
-        g_xs = gy * w[None, :] * rstd
-        # this tile as sources: transposed banded sums over the output tokens that see it
+        zero, zeros = tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        g1, g2, g_w1, g_w2 = _transposed_sums(zeros, zeros, zero, zero, a, bq, sbar, d0, real > 0, sources, sources, xs,
+                                              real, w1, w2, lo, hi, DOT)
+        # the other output tokens that see it, recomputed a tile-aligned block at a time
         first = tl.maximum(i0 + lo, 0)
         last = tl.minimum(i0 + BLOCK + hi, T)
-        g1 = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        g2 = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        g_w1 = tl.zeros([BLOCK], tl.float32)
-        g_w2 = tl.zeros([BLOCK], tl.float32)
-        v1 = xs * real[:, None]
-        for j in range(first, last, BLOCK):
-            rows = j + tl.arange(0, BLOCK)
-            rows_in = rows < last
-            row_offsets = (b * T + rows.to(tl.int64))[:, None] * C + h * D + cols[None, :]
-            row_both = rows_in[:, None] & (cols < D)[None, :]
-            a = tl.load(coef_a + row_offsets, mask=row_both, other=0.0)
-            bq = tl.load(coef_b + row_offsets, mask=row_both, other=0.0)
-            token = (b * T + rows) * H + h
-            d0 = tl.load(anchor_in + token, mask=rows_in, other=0)
-            sbar = tl.load(sbar_in + token, mask=rows_in, other=0.0)
-            if HAS_MASK:
-                row_real = tl.load(mask + b * T + rows, mask=rows_in, other=0) != 0
-            else:
-                row_real = rows_in
-            d0f = d0.to(tl.float64)
-            best = tl.where(row_real, w1 * d0f + w2 * d0f * d0f, float("inf"))  # padded rows: e = 0
-            logit, d = _logits(rows, sources, w1, w2, lo, hi, (real > 0) & inside)
-            e = tl.exp((logit - best[:, None]).to(tl.float32))
-            g1 += tl.dot(tl.trans(e), a, input_precision=DOT)
-            g2 += tl.dot(tl.trans(e), bq, input_precision=DOT)
-            s = tl.dot(a, tl.trans(v1), input_precision=DOT) + tl.dot(bq, tl.trans(v1 * xs), input_precision=DOT)
-            g_logit = e * (s - sbar[:, None])
-            centred = (d - d0[:, None]).to(tl.float32)
-            g_w1 += tl.sum(g_logit * centred, axis=0)
-            g_w2 += tl.sum(g_logit * centred * (d + d0[:, None]).to(tl.float32), axis=0)
+        for j0 in range(first // BLOCK * BLOCK, last, BLOCK):
+            if j0 != i0:
+                row_first, row_last = tl.maximum(first, j0), tl.minimum(last, j0 + BLOCK)
+                row_a, row_b, row_sbar, row_d0, _, _, _, _, _, _, row_real, _, _, _, _ = _output_gradients(
+                    x, mask, grad_y, weight, mu_ln, var_ln, b, h, j0, row_first, row_last, T, C, D, w1, w2, lo, hi,
+                    lam_m, lam_v, eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
+                g1, g2, g_w1, g_w2 = _transposed_sums(g1, g2, g_w1, g_w2, row_a, row_b, row_sbar, row_d0, row_real > 0,
+                                                      j0 + tl.arange(0, BLOCK), sources, xs, real, w1, w2, lo, hi, DOT)
         kpart = ((b * H + h) * tl.num_programs(0) + tile) * 2
         tl.store(kernel_parts + kpart, tl.sum(g_w1, axis=0))
         tl.store(kernel_parts + kpart + 1, tl.sum(g_w2, axis=0))
-        # d(m xs)/dxs = m, d(m xs^2)/dxs = 2 m xs
-        g_xs += real[:, None] * (g1 + 2.0 * xs * g2)
+        # the direct path (dL/dxs = g_xhat rstd = -g_mu); d(m xs)/dxs = m, d(m xs^2)/dxs = 2 m xs
+        g_xs = real[:, None] * (g1 + 2.0 * xs * g2) - g_mu
         # LayerNorm statistics: every head's share, summed over the heads of each token
         g_mu_ln = tl.load(ln_grads + 2 * (b * T + sources), mask=inside, other=0.0)
         g_var_ln = tl.load(ln_grads + 2 * (b * T + sources) + 1, mask=inside, other=0.0)
@@ -338,6 +365,7 @@ if triton is not None:
         g_xs = tl.where(both, g_xs, 0.0)
         # RMS pre-scaling: dx = r (g - xs mean_c(g xs))
         dot = tl.sum(g_xs * xs, axis=1) / D
+        offsets = (b * T + sources.to(tl.int64))[:, None] * C + h * D + cols[None, :]
         tl.store(grad_x + offsets, r[:, None] * (g_xs - xs * dot[:, None]), mask=both)
 
 
@@ -396,25 +424,18 @@ class FusedDTN(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         mask_arg = x if mask is None else mask
         f32 = dict(device=x.device, dtype=torch.float32)
-        coef_a, coef_b = torch.empty(B, T, C, **f32), torch.empty(B, T, C, **f32)
-        anchor = torch.empty(B, T, H, device=x.device, dtype=torch.int32)
-        sbar, ln_grads = torch.empty(B, T, H, **f32), torch.empty(B, T, H, 2, **f32)
+        ln_grads = torch.empty(B, T, H, 2, **f32)
         gate_parts = torch.empty(B, H, tiles, 2, **f32)
         meta = dict(HAS_MASK=mask is not None, NATS=SUPPORT_NATS, BLOCK=BLOCK, BLOCK_D=BD, DOT=DOT_PRECISION,
                     num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         gates = (gate_mean.detach(), gate_var.detach())
-        _backward_rows[(tiles, H, B)](
-            x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln,
-            coef_a, coef_b, anchor, sbar, ln_grads, gate_parts, T, C, D, H, eps, **meta,
-        )
+        inputs = (x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln)
+        _backward_rows[(tiles, H, B)](*inputs, ln_grads, gate_parts, T, C, D, H, eps, **meta)
         grad_x = torch.empty_like(x)
         affine_parts = torch.empty(B, H, tiles, 2, BD, **f32)
         kernel_parts = torch.empty(B, H, tiles, 2, **f32)
-        _backward_sources[(tiles, H, B)](
-            x, mask_arg, grad_y, pos_weight, *gates, weight.detach(), mu_ln, var_ln,
-            coef_a, coef_b, anchor, sbar, ln_grads.sum(dim=2), grad_x, affine_parts, kernel_parts, T, C, D, H, eps,
-            **meta,
-        )
+        _backward_sources[(tiles, H, B)](*inputs, ln_grads.sum(dim=2), grad_x, affine_parts, kernel_parts,
+                                         T, C, D, H, eps, **meta)
         affine = affine_parts.sum(dim=(0, 2))[..., :D]  # (H, 2, D)
         gate_grads = gate_parts.sum(dim=(0, 2))  # (H, 2): d/d lam_m, d/d lam_v
         lam_m, lam_v = torch.sigmoid(gate_mean.float()), torch.sigmoid(gate_var.float())
@@ -453,9 +474,10 @@ def traffic_bytes(batch: int, length: int, dim: int, num_heads: int, support: in
     kernels load and store (masked-off lanes move nothing), for activations of ``itemsize`` bytes,
     a kernel ``support`` offsets wide around 0 and tiles of ``block`` tokens (:data:`BLOCK`).
 
-    Per (sequence, head, tile): the forward and both backward kernels load the tile's sources (the
-    tile plus a halo of the support) once; the backward kernels also read ``grad_y`` and write
-    ``grad_x`` and two float32 coefficients per channel; the rest is per-token or per-program scalars."""
+    Per (sequence, head, tile): the forward and ``_backward_rows`` load the tile's sources (the tile plus
+    a halo of the support) once. ``_backward_sources`` recomputes every output token that sees its tile,
+    one tile-aligned block at a time, each block loading the sources, statistics and ``grad_y`` of just
+    the rows it needs; it writes ``grad_x``. The rest is per-token or per-program scalars."""
     block = BLOCK if block is None else block
     B, T, C, H, a = batch, length, dim, num_heads, itemsize
     D, tiles = C // H, -(-T // block)
@@ -464,24 +486,33 @@ def traffic_bytes(batch: int, length: int, dim: int, num_heads: int, support: in
     lo = -((support - 1) // 2)  # centred on 0; only the width matters away from the sequence's ends
     hi = lo + support - 1
     mask_byte = 1 if masked else 0
+    params = 2 * 8 + 2 * 4  # w1, w2, the two gates
+
+    def sources(first: int, last: int) -> int:
+        """Bytes ``_inter_token`` loads for the output rows ``first ... last - 1``."""
+        return (min(last - lo, T) - max(first - hi, 0)) * (D * a + mask_byte)
+
+    def output_rows(first: int, last: int) -> int:
+        """Bytes ``_output_gradients`` loads: the rows' sources, statistics (mean, variance), grad_y; weight."""
+        return sources(first, last) + (last - first) * (8 + D * a) + D * 4
+
     read = written = 0
     read += B * T * C * a  # _ln_stats: x
     written += B * T * 8  # mean, variance
     for tile in range(tiles):
         j0, rows = tile * block, min(block, T - tile * block)
-        window = min(j0 + block - lo, T) - max(j0 - hi, 0)  # sources of these output tokens
-        transposed = min(j0 + block + hi, T) - max(j0 + lo, 0)  # output tokens these sources reach
-        params = 2 * 8 + 2 * 4  # w1, w2, the two gates
-        sources = window * (D * a + mask_byte)
         # _forward: sources; mean, variance; weight, bias -> y
-        read += B * H * (params + sources + rows * 8 + 2 * D * 4)
+        read += B * H * (params + sources(j0, j0 + rows) + rows * 8 + 2 * D * 4)
         written += B * H * rows * D * a
-        # _backward_rows: sources; mean, variance; grad_y; weight -> a, b; d0, sbar, 2 LayerNorm grads; 2 gates
-        read += B * H * (params + sources + rows * (8 + D * a) + D * 4)
-        written += B * H * (rows * (2 * D * 4 + 16) + 8)
-        # _backward_sources: sources; mean, variance; grad_y; weight; the tile's LayerNorm grads (summed over
-        # the heads by torch); a, b, d0, sbar and the mask of every output token that sees the tile -> grad_x
-        read += B * H * (params + sources + rows * (8 + D * a + 8) + D * 4 + transposed * (2 * D * 4 + 8 + mask_byte))
+        # _backward_rows: its rows -> 2 LayerNorm grads per token; 2 gate partials
+        read += B * H * (params + output_rows(j0, j0 + rows))
+        written += B * H * (rows * 8 + 8)
+        # _backward_sources: its rows, then every other block of output tokens that sees the tile; the tile's
+        # LayerNorm grads (summed over the heads by torch) -> grad_x; affine and kernel partials
+        first, last = max(j0 + lo, 0), min(j0 + block + hi, T)
+        seen = sum(output_rows(max(first, r0), min(last, r0 + block))
+                   for r0 in range(first // block * block, last, block) if r0 != j0)
+        read += B * H * (params + output_rows(j0, j0 + rows) + seen + rows * 8)
         written += B * H * (rows * D * a + 2 * BD * 4 + 8)
     # by torch: the LayerNorm grads summed over the heads; the partial sums of affine (2 BD), gates, kernel
     parts = B * T * H * 8 + B * H * tiles * (2 * BD + 4) * 4
