@@ -27,11 +27,11 @@ Four kernels (LayerNorm has two), then a few small torch sums of per-program par
 Why recompute ``a, b`` rather than store them: two float32 tensors of the activations' size, written
 by one kernel and read back with a halo by the next, were a third of the path's bytes (2.7x LayerNorm's
 per token at the official ListOps shape, 2.0x without them; ``traffic_bytes``). Recomputing them re-reads
-``x`` and ``grad_y`` of the tile's halo instead and roughly doubles ``_backward_sources``' matrix
-products: the right trade on GPUs whose tensor cores do tens of (three-pass TF32) FLOPs per byte of
-memory, for the local-init kernel of a few offsets. A kernel much wider than ``BLOCK`` pays for it:
-each recomputed block re-reads its own halo (a 255-offset kernel moves 8.5x LayerNorm's bytes, against
-6.3x with stored coefficients, and its backward does ~3x the matrix products).
+``x`` and ``grad_y`` of the tile's halo instead, at 1.6x the backward's matrix products (``tl.dot`` calls
+per program at that shape): the right trade on GPUs whose tensor cores do tens of (three-pass TF32)
+FLOPs per byte of memory, for the local-init kernel of a few offsets. A kernel much wider than ``BLOCK``
+pays for it: each recomputed block re-reads its own halo (a 255-offset kernel moves 8.5x LayerNorm's
+bytes, against 6.3x with stored coefficients, and its backward does twice the matrix products).
 
 Support, without a host sync: a real token is its own source, and ``logit(0) = 0``, so every real
 token's row maximum is ``>= 0``; offsets whose logit is below ``-SUPPORT_NATS`` carry less than
