@@ -23,13 +23,17 @@ DTN does for its far-peaked kernels.
 
 Tokens off the grid (the CLS token that ``cls`` pooling prepends) take LayerNorm statistics alone, see
 :func:`grid_dtn`; grid tokens never take them as a source.
+
+Like the 1-D DTN, the normalizer is one ``autograd.Function`` with a hand-written backward (autograd
+through the same steps ran twice as long on CPU: a dozen elementwise passes more). It keeps the
+pre-scaled input and the inter-token statistics; backward recomputes the row pass for the kernel's
+gradient.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: A real token whose normaliser (at most 1 from its best source, at least its own weight) is below this
@@ -86,16 +90,6 @@ def axis_weights(logits: Tensor, size: int) -> Tensor:
     return torch.exp(table - table.detach().amax(dim=-1, keepdim=True))
 
 
-def separable_sums(values: Tensor, along_columns: Tensor, along_rows: Tensor) -> Tensor:
-    """``values`` ``(B, H, rows, K, cols)`` -> ``sum_{r', s'} Wy[h, r, r'] Wx[h, s, s'] values[b, h, r', k, s']``.
-
-    The layout keeps both passes free of transposes: the row pass contracts the last axis, the column
-    pass the third (one batched matmul each, per batch element and head)."""
-    B, H, rows, K, cols = values.shape
-    along = values.reshape(B, H, rows * K, cols) @ along_rows.transpose(1, 2)
-    return (along_columns @ along.view(B, H, rows, K * cols)).view(B, H, rows, K, cols)
-
-
 def grid_kernels(pos_weight: Tensor, pos_bias: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """The per-axis float64 logit tables ``(Ly (H, 2 rows - 1), Lx (H, 2 cols - 1))`` of ``pos_proj``.
 
@@ -107,51 +101,22 @@ def grid_kernels(pos_weight: Tensor, pos_bias: Tensor, grid: tuple[int, int]) ->
     return axis_logits(b, c, rows) + zero, axis_logits(a, c, cols)
 
 
-def exact_rows(ly: Tensor, lx: Tensor, xs: Tensor, mask: Tensor, rows: tuple[Tensor, Tensor, Tensor],
-               cols: int) -> tuple[Tensor, Tensor]:
-    """``(mu, E[x^2])``, ``(n, D)``, of the rows ``(b, token, head)``: a float64 softmax over the real
-    grid sources of sequence ``b`` with each row's own maximum, ``O(grid)`` per row, in chunks."""
-    b, t, h = rows
-    B, G, H, D = xs.shape
-    height = ly.shape[1] // 2 + 1
-    source = torch.arange(G, device=xs.device)
-    sy, sx = source // cols, source % cols
+def exact_rows(ly: Tensor, lx: Tensor, xs: Tensor, mask: Tensor, where: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """``(mu, E[x^2])``, ``(n, D)``, of the outputs ``where = (b, h, row, col)`` of the planes ``xs``
+    ``(B, H, rows, D, cols)``: a float64 softmax over the real sources of image ``b`` (``mask``
+    ``(B, rows, cols)``) with each output's own maximum, ``O(grid)`` per output, in chunks."""
+    b, h, r, s = where
+    B, H, rows, D, cols = xs.shape
+    sy, sx = torch.meshgrid(torch.arange(rows, device=xs.device), torch.arange(cols, device=xs.device), indexing="ij")
     out = []
-    step = max(1, EXACT_CHUNK // (G * D))
+    step = max(1, EXACT_CHUNK // (rows * cols * D))
     for i in range(0, len(b), step):
-        bi, ti, hi = b[i : i + step, None], t[i : i + step, None], h[i : i + step, None]
-        logits = ly[hi, ti // cols - sy + height - 1] + lx[hi, ti % cols - sx + cols - 1]  # (n, G)
-        p = torch.softmax(logits.masked_fill(~mask[bi[:, 0]], -math.inf), dim=-1).to(xs.dtype)
-        v = xs[bi[:, 0], :, hi[:, 0]]  # (n, G, D)
+        bi, hi, ri, si = (t[i : i + step, None, None] for t in (b, h, r, s))
+        logits = ly[hi, ri - sy + rows - 1] + lx[hi, si - sx + cols - 1]  # (n, rows, cols)
+        p = torch.softmax(logits.masked_fill(~mask[bi[:, 0, 0]], -math.inf).flatten(1), dim=-1).to(xs.dtype)
+        v = xs[bi[:, 0, 0], hi[:, 0, 0]].transpose(2, 3).reshape(len(p), rows * cols, D)
         out.append(torch.stack([torch.einsum("ng,ngd->nd", p, v), torch.einsum("ng,ngd->nd", p, v * v)]))
     return tuple(torch.cat(out, dim=1)) if out else (xs.new_zeros(0, D), xs.new_zeros(0, D))
-
-
-def grid_statistics(xs: Tensor, mask: Tensor | None, pos_weight: Tensor, pos_bias: Tensor,
-                    grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """DTN's inter-token statistics ``(mu_in, var_in)`` of grid tokens ``xs`` ``(B, G, H, D)``, raster
-    order, with the 2-D prior; ``mask`` ``(B, G)`` true for real pixels. Padded pixels are never
-    sources, and take zero statistics themselves (their outputs only need to be finite)."""
-    B, G, H, D = xs.shape
-    rows, cols = grid
-    ly, lx = grid_kernels(pos_weight, pos_bias, grid)
-    wy, wx = axis_weights(ly, rows).to(xs.dtype), axis_weights(lx, cols).to(xs.dtype)
-    real = xs.new_ones(B, G) if mask is None else mask.to(xs.dtype)
-    first = xs * real[..., None, None]
-    values = torch.cat([first, first * xs, real[..., None, None].expand(B, G, H, 1)], dim=-1)
-    values = values.view(B, rows, cols, H, 2 * D + 1).permute(0, 3, 1, 4, 2)  # (B, H, rows, K, cols)
-    sums = separable_sums(values, wy, wx).permute(0, 2, 4, 1, 3).reshape(B, G, H, 2 * D + 1)
-    norm = sums[..., -1]
-    needy = (norm.detach() < EXACT_BELOW) & (real[..., None] > 0)
-    served = (real[..., None] > 0) & ~needy
-    inv_norm = torch.where(served, norm, 1.0).reciprocal() * served
-    mu_in, second = sums[..., :D] * inv_norm[..., None], sums[..., D : 2 * D] * inv_norm[..., None]
-    if needy.any():
-        where = torch.nonzero(needy, as_tuple=True)
-        real_mask = torch.ones(B, G, dtype=torch.bool, device=xs.device) if mask is None else mask
-        exact_mu, exact_second = exact_rows(ly, lx, xs, real_mask, where, cols)
-        mu_in, second = mu_in.index_put(where, exact_mu), second.index_put(where, exact_second)
-    return mu_in, (second - mu_in.square()).clamp(min=0.0)
 
 
 def grid_dtn(x: Tensor, mask: Tensor | None, pos_weight: Tensor, pos_bias: Tensor, gate_mean: Tensor | None,
@@ -165,25 +130,244 @@ def grid_dtn(x: Tensor, mask: Tensor | None, pos_weight: Tensor, pos_bias: Tenso
     is concatenated after them and normalised by LayerNorm), so this is what their CLS sees; a prior
     over offsets to a token without a position would be invented. Grid tokens never take them as a
     source either: a pixel's statistics are exactly the authors' module's on the grid alone."""
-    B, T, C = x.shape
     rows, cols = grid
+    B, T, C = x.shape
     prefix = T - rows * cols
     if prefix < 0:
         raise ValueError(f"{T} tokens cannot hold a {rows}x{cols} grid")
-    H, D = num_heads, C // num_heads
-    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 makes E[x^2] - E[x]^2 negative (spec)
+    if gate_mean is None:  # dtn_var: lam_m = 1, LayerNorm's mean
+        gate_mean = gate_var.new_full(gate_var.shape, math.inf)
+    grid_mask = None if mask is None else mask[:, prefix:]
+    y = _GridDTNFunction.apply(x[:, prefix:], pos_weight, pos_bias, gate_mean, gate_var, weight, bias, grid_mask,
+                               num_heads, (rows, cols), eps)
+    if not prefix:
+        return y
+    return torch.cat([off_grid(x[:, :prefix], weight, bias, num_heads, eps), y], dim=1)
+
+
+def off_grid(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int, eps: float) -> Tensor:
+    """DTN with both gates at 1 for the few tokens off the grid: LayerNorm (unbiased variance) of the
+    RMS-pre-scaled input, then DTN's affine; float32 statistics at least."""
+    B, P, C = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        xh = x.to(dtype).view(B, T, H, D)
-        xs = xh * torch.rsqrt(xh.square().mean(dim=-1, keepdim=True) + eps)  # 1. RMS pre-scaling per head
-        mu_ln, var_ln = xs.view(B, T, C).mean(dim=-1), xs.view(B, T, C).var(dim=-1)  # 2. unbiased (authors)
-        grid_mask = None if mask is None else mask[:, prefix:]
-        mu_in, var_in = grid_statistics(xs[:, prefix:], grid_mask, pos_weight, pos_bias, grid)  # 3.
-        lam_m = torch.ones_like(gate_var) if gate_mean is None else torch.sigmoid(gate_mean)
-        lam_m, lam_v = lam_m.to(dtype)[:, None], torch.sigmoid(gate_var).to(dtype)[:, None]
-        mu_ln, var_ln = mu_ln[..., None, None], var_ln[..., None, None]
-        mu = torch.cat([mu_ln[:, :prefix].expand(B, prefix, H, D),  # 4. off-grid tokens: LayerNorm's
-                        lam_m * mu_ln[:, prefix:] + (1 - lam_m) * mu_in], dim=1)
-        var = torch.cat([var_ln[:, :prefix].expand(B, prefix, H, D),
-                         lam_v * var_ln[:, prefix:] + (1 - lam_v) * var_in], dim=1)
-        y = ((xs - mu) * torch.rsqrt(var + eps)).view(B, T, C) * weight.to(dtype) + bias.to(dtype)  # 5.
-    return y.to(x.dtype)
+        xh = x.to(dtype).view(B, P, num_heads, C // num_heads)
+        xs = (xh * torch.rsqrt(xh.square().mean(dim=-1, keepdim=True) + eps)).view(B, P, C)
+        y = (xs - xs.mean(dim=-1, keepdim=True)) * torch.rsqrt(xs.var(dim=-1, keepdim=True) + eps)
+        return (y * weight.to(dtype) + bias.to(dtype)).to(x.dtype)
+
+
+class _GridCall:
+    """One call's statistics (steps 1-3) in the passes' layout, *planes* ``(B, H, rows, D, cols)``: the
+    tokens are transposed once on the way in and once on the way out, every pass in between runs on
+    contiguous memory and the row and column passes are batched matmuls over its last and third axes.
+    Per-token scalars are ``(B, 1, rows, 1, cols)``, per-head ones ``(B, H, rows, 1, cols)``. Without
+    padding (the usual image batch) no mask multiplies anything."""
+
+    def __init__(self, x: Tensor, pos_weight: Tensor, pos_bias: Tensor, gate_mean: Tensor, gate_var: Tensor,
+                 mask: Tensor | None, num_heads: int, grid: tuple[int, int], eps: float) -> None:
+        B, G, C = x.shape
+        H, D = num_heads, C // num_heads
+        rows, cols = grid
+        self.grid, self.eps, self.C, self.H, self.D = grid, eps, C, H, D
+        self.dtype = dtype = torch.promote_types(x.dtype, torch.float32)  # bf16: E[x^2] - E[x]^2 < 0 (spec)
+        xp = self.to_planes(x.to(dtype))
+        # 1. RMS pre-scaling per head; 2. LayerNorm statistics of xs = r x from per-head moments. The
+        # authors use torch.var's default, the *unbiased* variance (divide by C - 1): kept.
+        head_sq = xp.square().mean(dim=3, keepdim=True)
+        self.r = torch.rsqrt(head_sq + eps)  # (B, H, rows, 1, cols)
+        self.mu_ln = (self.r * xp.mean(dim=3, keepdim=True)).mean(dim=1, keepdim=True)  # (B, 1, rows, 1, cols)
+        var_ln = (self.r.square() * head_sq).mean(dim=1, keepdim=True) - self.mu_ln.square()
+        self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
+        self.xs = xp.mul_(self.r)
+        self.mask = None if mask is None or bool(mask.all()) else mask.view(B, rows, cols)
+        self.real = None if self.mask is None else self.mask.to(dtype).view(B, 1, rows, 1, cols)
+        self.lam_m, self.lam_v = torch.sigmoid(gate_mean.to(dtype)), torch.sigmoid(gate_var.to(dtype))
+        # Per-head coefficients expanded over (D, cols): a broadcast (H, 1, 1) operand runs PyTorch's CPU
+        # loops several times slower.
+        self.keep_in = self.per_channel(self.lam_m - 1)
+        self.var_in_weight = self.per_channel(1 - self.lam_v)
+        # 3. the prior's per-axis weights, then the two passes over the grid
+        self.pos_weight, self.pos_bias = pos_weight.detach(), pos_bias.detach()
+        ly, lx = grid_kernels(self.pos_weight, self.pos_bias, grid)
+        self.wy, self.wx = axis_weights(ly, rows).to(dtype), axis_weights(lx, cols).to(dtype)
+        values = self.values()
+        along = self.along_rows(values)
+        self.kept = (values, along) if pos_weight.requires_grad else None  # for the kernel's gradient
+        sums = (self.wy @ along).view(B, H, rows, 2 * D + 1, cols)
+        norm = sums[:, :, :, 2 * D :]  # (B, H, rows, 1, cols)
+        served = norm >= EXACT_BELOW
+        real = torch.ones_like(served) if self.mask is None else self.mask.view(B, 1, rows, 1, cols).expand_as(served)
+        served &= real
+        self.inv_norm = torch.where(served, norm, 1.0).reciprocal_().mul_(served)  # padding: zero statistics
+        self.mu_in = torch.mul(sums[:, :, :, :D], self.inv_norm)
+        self.second = torch.mul(sums[:, :, :, D : 2 * D], self.inv_norm)
+        b, h, r, _, s = torch.nonzero(real & ~served, as_tuple=True)
+        self.exact = (b, h, r, s)
+        if len(b):
+            with torch.no_grad():
+                mu, second = exact_rows(ly, lx, self.xs, self.real_mask(), self.exact)
+            self.mu_in[b, h, r, :, s], self.second[b, h, r, :, s] = mu, second
+
+    def to_planes(self, tokens: Tensor) -> Tensor:
+        """``(B, G, C)`` -> ``(B, H, rows, D, cols)`` (a copy)."""
+        rows, cols = self.grid
+        B = tokens.shape[0]
+        return tokens.reshape(B, rows, cols, self.H, self.D).permute(0, 3, 1, 4, 2).contiguous()
+
+    def to_tokens(self, planes: Tensor) -> Tensor:
+        """``(B, H, rows, D, cols)`` -> ``(B, G, C)`` (a copy)."""
+        B = planes.shape[0]
+        return planes.permute(0, 2, 4, 1, 3).reshape(B, self.grid[0] * self.grid[1], self.C)
+
+    def per_channel(self, per_head: Tensor) -> Tensor:
+        return per_head[:, None, None, None].expand(self.H, 1, self.D, self.grid[1]).contiguous()
+
+    def real_mask(self) -> Tensor:
+        B, (rows, cols) = self.xs.shape[0], self.grid
+        return torch.ones(B, rows, cols, dtype=torch.bool, device=self.xs.device) if self.mask is None else self.mask
+
+    def values(self) -> Tensor:
+        """``(B, H, rows, 2D + 1, cols)``: ``m xs``, ``m xs^2`` and ``m`` of the grid."""
+        B, H, rows, D, cols = self.xs.shape
+        values = self.xs.new_empty(B, H, rows, 2 * D + 1, cols)
+        if self.real is None:
+            first = values[:, :, :, :D].copy_(self.xs)
+            values[:, :, :, 2 * D] = 1.0
+        else:
+            first = torch.mul(self.xs, self.real, out=values[:, :, :, :D])
+            values[:, :, :, 2 * D :] = self.real
+        torch.mul(first, self.xs, out=values[:, :, :, D : 2 * D])  # m^2 = m
+        return values
+
+    def along_rows(self, values: Tensor) -> Tensor:
+        """The row pass: ``(B, H, rows, K, cols)`` -> ``(B, H, rows, K * cols)`` for the column pass."""
+        B, H, rows, K, cols = values.shape
+        return (values.view(B, H, rows * K, cols) @ self.wx.transpose(1, 2)).view(B, H, rows, K * cols)
+
+    def mixed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 4: ``(xs - mu, 1 / sqrt(var + eps), var_in)`` with ``var_in = max(E[x^2] - mu_in^2, 0)``
+        (rounding can push it below 0)."""
+        var_in = torch.addcmul(self.second, self.mu_in, self.mu_in, value=-1.0).clamp_(min=0.0)
+        shift = self.mu_ln * -self.lam_m[:, None, None, None]  # (B, H, rows, 1, cols)
+        centred = torch.add(self.xs, shift).addcmul_(self.mu_in, self.keep_in)
+        var_base = self.var_ln * self.lam_v[:, None, None, None] + self.eps
+        rstd = torch.addcmul(var_base, var_in, self.var_in_weight).rsqrt_()
+        return centred, rstd, var_in
+
+    def kernel_grad(self, g_wy: Tensor, g_wx: Tensor) -> Tensor:
+        """``(H, 3)`` gradient of ``pos_proj.weight`` from those of the per-axis weights (float64)."""
+        def logit_grad(g: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+            n = w.shape[-1]
+            j = torch.arange(n, device=w.device)
+            index = (j[:, None] - j[None, :] + n - 1).flatten()
+            per_offset = w.new_zeros(w.shape[0], 2 * n - 1, dtype=torch.float64)
+            per_offset.index_add_(1, index, (g * w).double().reshape(w.shape[0], -1))
+            d = torch.arange(1 - n, n, device=w.device, dtype=torch.float64)
+            return (per_offset * d).sum(-1), (per_offset * d * d).sum(-1)
+
+        b, cy = logit_grad(g_wy, self.wy)
+        a, cx = logit_grad(g_wx, self.wx)
+        return torch.stack([a, b, cx + cy], dim=1)
+
+
+class _GridDTNFunction(torch.autograd.Function):
+    """The grid tokens ``(B, G, C)``; keeps the pre-scaled input, the inter-token statistics and the
+    row pass's input and output (for the kernel's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, grid, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            call = _GridCall(x, pos_weight, pos_bias, gate_mean, gate_var, mask, num_heads, grid, eps)
+            y, rstd, _ = call.mixed()
+            y.mul_(rstd).mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
+            y = call.to_tokens(y)
+        ctx.call = call
+        ctx.save_for_backward(weight)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        with torch.autocast(grad_y.device.type, enabled=False):
+            grads = _backward(ctx.call, grad_y, weight)
+        return (*grads, None, None, None, None)
+
+
+def _per_channel_vector(self: _GridCall, vector: Tensor) -> Tensor:
+    """A ``(C,)`` parameter as ``(H, 1, D, cols)``, contiguous."""
+    return vector.to(self.dtype).view(self.H, 1, self.D, 1).expand(self.H, 1, self.D, self.grid[1]).contiguous()
+
+
+_GridCall.per_channel_vector = _per_channel_vector
+
+
+def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
+    H, D, C = call.H, call.D, call.C
+    g = call.to_planes(grad_y.to(call.dtype))
+    B, _, rows, _, cols = g.shape
+    K = 2 * D + 1
+    xhat, rstd, var_in = call.mixed()
+    xhat.mul_(rstd)
+    grad_weight = (g * xhat).sum(dim=(0, 2, 4)).reshape(C)
+    grad_bias = g.sum(dim=(0, 2, 4)).reshape(C)
+    g_xs = g.mul_(call.per_channel_vector(weight)).mul_(rstd)  # through xhat directly; minus this through mu
+    g_var = xhat.mul_(g_xs).mul_(rstd)  # -1/2 of this is the gradient of var
+    heads_g, heads_var = g_xs.sum(dim=3, keepdim=True), g_var.sum(dim=3, keepdim=True)  # (B, H, rows, 1, cols)
+    # gates: d/d lam_m = sum g_mu (mu_ln - mu_in), d/d lam_v = sum g_var (var_ln - var_in)
+    g_lam_m = (g_xs * call.mu_in).sum(dim=(0, 2, 3, 4)) - (heads_g * call.mu_ln).sum(dim=(0, 2, 3, 4))
+    g_lam_v = ((g_var * var_in).sum(dim=(0, 2, 3, 4)) - (heads_var * call.var_ln).sum(dim=(0, 2, 3, 4))) * 0.5
+    lam_m, lam_v = call.lam_m[:, None, None, None], call.lam_v[:, None, None, None]
+    g_mu_ln = -(heads_g * lam_m).sum(dim=1, keepdim=True)  # (B, 1, rows, 1, cols)
+    g_var_ln = (heads_var * lam_v).sum(dim=1, keepdim=True) * -0.5
+
+    # Inter-token branch: mu_in = N1 / Z, second = N2 / Z for the sums N1, N2, Z of the passes; d var_in
+    # / d(second - mu_in^2) = 1 where it was not clamped at 0, i.e. sign(var_in). Exact rows: inv_norm 0.
+    g_var_in = g_var.mul_(torch.sign(var_in).mul_(call.var_in_weight)).mul_(-0.5)
+    g_mu_in = torch.mul(g_xs, call.keep_in).addcmul_(call.mu_in, g_var_in, value=-2.0)
+    g_sums = g_xs.new_empty(B, H, rows, K, cols)
+    g_sum1 = torch.mul(g_mu_in, call.inv_norm, out=g_sums[:, :, :, :D])
+    g_sum2 = torch.mul(g_var_in, call.inv_norm, out=g_sums[:, :, :, D : 2 * D])
+    torch.add((g_sum1 * call.mu_in).sum(dim=3, keepdim=True), (g_sum2 * call.second).sum(dim=3, keepdim=True),
+              alpha=1.0, out=g_sums[:, :, :, 2 * D :]).neg_()
+    g_planes = g_sums.view(B, H, rows, K * cols)
+    g_along = call.wy.transpose(1, 2) @ g_planes  # adjoint of the column pass
+    g_values = (g_along.view(B, H, rows * K, cols) @ call.wx).view(B, H, rows, K, cols)  # ... of the row pass
+    grad_pos = None
+    if call.kept is not None:
+        values, along = call.kept
+        g_wy = (g_planes @ along.transpose(2, 3)).sum(dim=0)
+        g_wx = (g_along.view(B, H, rows * K, cols).transpose(2, 3) @ values.view(B, H, rows * K, cols)).sum(dim=0)
+        grad_pos = call.kernel_grad(g_wy, g_wx)
+
+    # d(m xs) = m, d(m xs^2) = 2 m xs, then the LayerNorm statistics (alpha + beta xs per token), then the
+    # RMS pre-scaling: g -> r (g - xs mean_head(g xs)).
+    xs = call.xs
+    g_first = g_values[:, :, :, :D].addcmul_(g_values[:, :, :, D : 2 * D], xs, value=2.0)
+    if call.real is not None:
+        g_first.mul_(call.real)
+    g_xs += g_first
+    if len(call.exact[0]):  # outputs computed exactly: their gradient through the same float64 softmax
+        b, h, r, s = call.exact
+        g_rows_xs, g_rows_pos = _exact_backward(call, g_mu_in[b, h, r, :, s], g_var_in[b, h, r, :, s])
+        g_xs += g_rows_xs
+        grad_pos = None if grad_pos is None else grad_pos + g_rows_pos
+    beta = g_var_ln * (2 / (C - 1))
+    alpha = g_mu_ln / C - beta * call.mu_ln
+    g_xs.addcmul_(xs, beta).add_(alpha)
+    dot = (g_xs * xs).mean(dim=3, keepdim=True)
+    grad_x = call.to_tokens(g_xs.addcmul_(xs, dot, value=-1.0).mul_(call.r))
+    return (grad_x.to(grad_y.dtype), None if grad_pos is None else grad_pos.to(call.pos_weight.dtype),
+            torch.zeros_like(call.pos_bias),  # cancels in the softmax
+            g_lam_m * call.lam_m * (1 - call.lam_m), g_lam_v * call.lam_v * (1 - call.lam_v), grad_weight, grad_bias)
+
+
+def _exact_backward(call: _GridCall, g_mu: Tensor, g_second: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact outputs' share of the gradients of the planes ``xs`` and of ``pos_proj.weight``, by
+    autograd through :func:`exact_rows` (rare: sharply shifted kernels on padded grids)."""
+    with torch.enable_grad():
+        pos_weight = call.pos_weight.double().requires_grad_()
+        xs = call.xs.detach().requires_grad_()
+        ly, lx = grid_kernels(pos_weight, call.pos_bias, call.grid)
+        mu, second = exact_rows(ly, lx, xs, call.real_mask(), call.exact)
+        return torch.autograd.grad((mu, second), (xs, pos_weight), (g_mu, g_second))
