@@ -2,6 +2,8 @@
 
 A normalizer is an ``nn.Module`` built as ``cls(dim, num_heads)`` and called as ``norm(x, mask)``
 with ``x`` of shape ``(B, T, C)`` and ``mask`` ``(B, T)``, true for real tokens (``None``: all real).
+A norm that can use the image grid of the tokens (DTN's 2-D prior) sets ``takes_grid`` and is built as
+``cls(dim, num_heads, grid=grid)``: ``(rows, cols)`` of the last ``rows * cols`` tokens, or ``None``.
 Norms that only look inside one token ignore the mask; norms that pool over tokens (DTN, ``in``)
 must never let padding into a real token's statistics. Adding a normalizer is one subclass of
 :class:`Norm` with ``@NORMS.register("name")``; the optimizer exempts every parameter of every
@@ -20,9 +22,11 @@ class Norm(nn.Module):
     """Base class: marks a module as a normalizer (no weight decay) and fixes the constructor.
 
     ``zero_token_mean``: the output's mean over the real tokens is the bias for every input (per-channel
-    statistics over the sequence); the encoder refuses MEAN pooling after such a final norm."""
+    statistics over the sequence); the encoder refuses MEAN pooling after such a final norm.
+    ``takes_grid``: built with ``grid=`` too (see the module docstring)."""
 
     zero_token_mean = False
+    takes_grid = False
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -45,9 +49,11 @@ def check_pooling(name: str, pooling: str) -> None:
                          "use --set model.pooling=cls")
 
 
-def build_norm(name: str, dim: int, num_heads: int) -> Norm:
-    """The one place a norm slot is filled: ``build_norm(cfg.norm, cfg.emb_dim, cfg.num_heads)``."""
-    return NORMS.get(name)(dim, num_heads)
+def build_norm(name: str, dim: int, num_heads: int, grid: tuple[int, int] | None = None) -> Norm:
+    """The one place a norm slot is filled: ``build_norm(norm, cfg.emb_dim, cfg.num_heads, cfg.norm_grid)``;
+    the grid reaches only the norms that take it."""
+    cls = NORMS.get(name)
+    return cls(dim, num_heads, grid=grid) if cls.takes_grid else cls(dim, num_heads)
 
 
 @NORMS.register("ln")

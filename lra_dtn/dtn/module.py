@@ -9,7 +9,11 @@ DTN (Shao et al., ICLR 2022), restated for padded 1-D token sequences in ``specs
 4. mixing by two sigmoid gates per head, ``gate_mean`` and ``gate_var``;
 5. standardise, then the affine ``weight``/``bias``.
 
-The module owns the parameters; the arithmetic lives in a *path*, chosen by ``method`` from
+On an image (``grid=(rows, cols)``: the last ``rows * cols`` tokens are its pixels in raster order) the
+prior is the authors' own 2-D one instead: ``pos_proj = nn.Linear(3, H)`` on ``(dx, dy, dx^2 + dy^2)``
+of the grid offset, computed by :mod:`lra_dtn.dtn.grid` (``method`` does not apply there).
+
+The module owns the parameters; the 1-D arithmetic lives in a *path*, chosen by ``method`` from
 :data:`PATHS`. Every path computes the same numbers (the tests hold each one to the dense float64
 reference of :mod:`lra_dtn.dtn.reference`):
 
@@ -29,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lra_dtn.dtn import cpu
+from lra_dtn.dtn import cpu, grid as grid_prior
 from lra_dtn.dtn.kernel import kernel_logits, local_offsets
 from lra_dtn.norms import NORMS, Norm
 from lra_dtn.registry import Registry
@@ -61,13 +65,19 @@ class DynamicTokenNorm(Norm):
         eps: under every square root (1e-5 as in the authors' code).
         method: a name in :data:`PATHS`: ``auto`` (the default), ``conv``, ``fft`` (which still
             convolves directly where FFT rounding could swamp some token's weights), ``fused`` (CUDA,
-            needs triton). All give the same numbers to float32 precision.
+            needs triton). All give the same numbers to float32 precision. 1-D prior only.
+        grid: ``(rows, cols)`` of an image whose pixels are the last ``rows * cols`` tokens, in raster
+            order: the 2-D prior (:mod:`lra_dtn.dtn.grid`; tokens before the grid, the CLS, take
+            LayerNorm statistics alone). ``None``: a sequence, the 1-D prior.
 
     Parameters: ``weight``, ``bias`` ``(C,)``; ``gate_mean``, ``gate_var`` ``(H,)`` (before the sigmoid,
     init 0: both statistics mixed half and half); ``pos_proj``, an ``nn.Linear(2, H)`` on the features
-    ``(j - i, (j - i)^2)`` of output token ``j`` and source token ``i``. Its bias cancels in the softmax
-    (its gradient is exactly zero).
+    ``(j - i, (j - i)^2)`` of output token ``j`` and source token ``i`` (2-D: ``nn.Linear(3, H)`` on
+    ``(dx, dy, dx^2 + dy^2)``, output minus source). Its bias cancels in the softmax (its gradient is
+    exactly zero).
     """
+
+    takes_grid = True
 
     def __init__(
         self,
@@ -78,6 +88,7 @@ class DynamicTokenNorm(Norm):
         locality_strength: float = 1.0,
         eps: float = 1e-5,
         method: str = "auto",
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(dim, num_heads)
         if dim % num_heads:
@@ -85,8 +96,11 @@ class DynamicTokenNorm(Norm):
         if dim < 2:
             raise ValueError(f"DTN needs at least 2 channels for the unbiased variance, got dim {dim}")
         PATHS.get(method)  # an unknown method fails here, listing the known ones
+        if grid is not None and not (len(grid) == 2 and all(isinstance(n, int) and n > 0 for n in grid)):
+            raise ValueError(f"grid must be (rows, cols), two positive ints, got {grid!r}")
         self.eps = eps
         self.method = method
+        self.grid = None if grid is None else tuple(grid)
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         if only_var:
@@ -94,15 +108,24 @@ class DynamicTokenNorm(Norm):
         else:
             self.gate_mean = nn.Parameter(torch.zeros(num_heads))
         self.gate_var = nn.Parameter(torch.zeros(num_heads))
-        self.pos_proj = nn.Linear(2, num_heads)
+        self.pos_proj = nn.Linear(3 if self.grid else 2, num_heads)
         self.reset_positional_prior(locality_strength)
+
+    @property
+    def prior(self) -> str:
+        """``2d`` on a grid, else ``1d``."""
+        return "1d" if self.grid is None else "2d"
 
     @torch.no_grad()
     def reset_positional_prior(self, locality_strength: float = 1.0) -> None:
         """The authors' init: truncated normal (std 0.02), then the local init.
 
         Head ``h`` gets weight ``2 k_h`` on ``j - i`` and ``-1`` on ``(j - i)^2``, i.e. the logit
-        ``-(d - k_h)^2 + k_h^2``: a Gaussian window of variance 1/2 centred at offset ``k_h``."""
+        ``-(d - k_h)^2 + k_h^2``: a Gaussian window of variance 1/2 centred at offset ``k_h``. On a grid,
+        their 2-D init (:func:`lra_dtn.dtn.grid.local_init`: ``int(sqrt(H))^2`` heads local)."""
+        if self.grid is not None:
+            grid_prior.local_init(self.pos_proj, locality_strength)
+            return
         nn.init.trunc_normal_(self.pos_proj.weight, std=0.02)
         nn.init.zeros_(self.pos_proj.bias)
         offsets = local_offsets(self.num_heads).to(self.pos_proj.weight)
@@ -110,7 +133,7 @@ class DynamicTokenNorm(Norm):
         self.pos_proj.weight[:, 1] = -locality_strength
 
     def kernel_logits(self, length: int) -> Tensor:
-        """This module's ``(H, 2T - 1)`` float64 kernel logits (see :func:`kernel_logits`)."""
+        """This module's ``(H, 2T - 1)`` float64 kernel logits (see :func:`kernel_logits`); 1-D prior."""
         return kernel_logits(self.pos_proj.weight, length, self.pos_proj.bias)
 
     def mean_gate(self) -> Tensor:
@@ -124,11 +147,14 @@ class DynamicTokenNorm(Norm):
             raise ValueError(f"expected (B, T, {self.dim}) tokens, got {tuple(x.shape)}")
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
+        if self.grid is not None:
+            return grid_prior.normalize(self, x, mask)
         return PATHS.get(self.method)(self, x, mask)
 
     def extra_repr(self) -> str:
         only_var = ", only_var=True" if self.gate_mean is None else ""
-        return f"{self.dim}, num_heads={self.num_heads}{only_var}, eps={self.eps}, method={self.method!r}"
+        prior = f"grid={self.grid}" if self.grid else f"method={self.method!r}"
+        return f"{self.dim}, num_heads={self.num_heads}{only_var}, eps={self.eps}, {prior}"
 
 
 NORMS.register("dtn")(DynamicTokenNorm)

@@ -1,5 +1,6 @@
-"""DTN's 2-D positional prior against the authors' module (recorded fixtures) and a dense float64
-reference written from their formula, with padding and a CLS token."""
+"""DTN's 2-D positional prior against the authors' module (recorded fixtures) and the dense float64
+reference written from their formula (``lra_dtn.dtn.reference.grid_reference``), with padding and a
+CLS token."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lra_dtn._dtn2d_wip as grid2d
-from lra_dtn._dtn2d_wip import grid_dtn, grid_local_offsets, local_init_2d
+from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm
+from lra_dtn.dtn import grid as grid2d
+from lra_dtn.dtn.grid import grid_dtn, grid_local_offsets, local_init
+from lra_dtn.dtn.reference import dense_reference, grid_reference as reference
+from lra_dtn.norms import LayerNorm, build_norm
 
 PARAMS = ("pos_proj.weight", "pos_proj.bias", "gate_mean", "gate_var", "weight", "bias")
 
@@ -22,39 +26,6 @@ def call(params: dict[str, torch.Tensor], x, mask, heads: int, grid: tuple[int, 
                     params["gate_var"], params["weight"], params["bias"], heads, grid, eps)
 
 
-def reference(params: dict[str, torch.Tensor], x, mask, heads: int, grid: tuple[int, int], eps: float = 1e-5):
-    """Dense, from the authors' formula: features ``(dx, dy, dx^2 + dy^2)`` of output minus source
-    position through ``pos_proj``, a ``(B, H, G, G)`` softmax over the real source pixels. Tokens
-    before the grid (CLS) take the LayerNorm statistics (the rule under test)."""
-    B, T, C = x.shape
-    rows, cols = grid
-    G, D = rows * cols, C // heads
-    prefix = T - G
-    xh = x.view(B, T, heads, D)
-    xh = xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)
-    xs = xh.reshape(B, T, C)
-    mu_ln, var_ln = xs.mean(-1)[..., None, None], xs.var(-1)[..., None, None]
-    y, x_ = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    pos = torch.stack([x_.flatten(), y.flatten()], dim=-1)
-    d = (pos[:, None] - pos[None, :]).to(x)  # (output, source, [dx, dy])
-    features = torch.cat([d, d.square().sum(-1, keepdim=True)], dim=-1)
-    logits = F.linear(features, params["pos_proj.weight"], params["pos_proj.bias"]).permute(2, 0, 1)
-    logits = logits.expand(B, heads, G, G)
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, None, prefix:], -math.inf)
-    P = torch.softmax(logits, dim=-1)
-    pixels = xh[:, prefix:].permute(0, 2, 1, 3)
-    mu_in = (P @ pixels).permute(0, 2, 1, 3)
-    var_in = (P @ pixels.square()).permute(0, 2, 1, 3) - mu_in.square()
-    lam_m = torch.sigmoid(params["gate_mean"]) if "gate_mean" in params else torch.ones(heads).to(x)
-    lam_v = torch.sigmoid(params["gate_var"])
-    mu = torch.cat([mu_ln[:, :prefix].expand(-1, -1, heads, D),
-                    lam_m[:, None] * mu_ln[:, prefix:] + (1 - lam_m)[:, None] * mu_in], dim=1)
-    var = torch.cat([var_ln[:, :prefix].expand(-1, -1, heads, D),
-                     lam_v[:, None] * var_ln[:, prefix:] + (1 - lam_v)[:, None] * var_in], dim=1)
-    return ((xh - mu) / torch.sqrt(var + eps)).reshape(B, T, C) * params["weight"] + params["bias"]
-
-
 def random_params(channels: int, heads: int, kernel: tuple[float, float, float] | None, seed: int = 0,
                   only_var: bool = False) -> dict[str, torch.Tensor]:
     """Random gates and affine; ``kernel`` ``(a, b, c)`` on ``dx, dy, dx^2 + dy^2``, jittered 10% per
@@ -62,7 +33,7 @@ def random_params(channels: int, heads: int, kernel: tuple[float, float, float] 
     g = torch.Generator().manual_seed(seed)
     proj = torch.nn.Linear(3, heads)
     torch.manual_seed(seed)
-    local_init_2d(proj)
+    local_init(proj)
     params = {"pos_proj.weight": proj.weight.detach().clone(), "pos_proj.bias": torch.randn(heads, generator=g),
               "gate_var": torch.randn(heads, generator=g), "weight": 1 + 0.5 * torch.randn(channels, generator=g),
               "bias": torch.randn(channels, generator=g)}
@@ -114,7 +85,7 @@ def test_forward_matches_the_dense_reference(kernel: str) -> None:
             y = call(params, x, mask, 4, grid)
             assert torch.isfinite(y).all(), (kernel, grid, name)
             real = torch.ones(3, tokens, dtype=torch.bool) if mask is None else mask
-            ref = reference({k: v.double() for k, v in params.items()}, x.double(), mask, 4, grid)
+            ref = reference({k: v.double() for k, v in params.items()}, x.double(), mask, 4, grid, 1e-5)
             assert relative_error(y, ref, real) < 1e-5, (kernel, grid, prefix, name)
 
 
@@ -133,7 +104,7 @@ def test_gradients_match_the_dense_reference(kernel: str, only_var: bool) -> Non
     call(leaves32, x32, mask, heads, grid).backward(grad_y)
     leaves64 = {k: v.double().requires_grad_() for k, v in params.items()}
     x64 = x.double().requires_grad_()
-    reference(leaves64, x64, mask, heads, grid).backward(grad_y.double())
+    reference(leaves64, x64, mask, heads, grid, 1e-5).backward(grad_y.double())
     assert (x32.grad.double() - x64.grad).abs().max() < 1e-5 * x64.grad.abs().max()
     assert (x32.grad[~mask] == 0).all()  # padded pixels influence nothing
     for name in params:
@@ -195,7 +166,7 @@ def test_local_init_is_the_authors(case: str) -> None:
     side, heads = OFFICIAL_CASES[case]
     theirs = torch.from_numpy(OFFICIAL[f"{case}/init_weight"]).float()
     proj = torch.nn.Linear(3, heads)
-    local_init_2d(proj)
+    local_init(proj)
     local = math.isqrt(heads) ** 2
     assert torch.equal(proj.weight[:local], theirs[:local])
     for w in (proj.weight[local:], theirs[local:]):
@@ -207,7 +178,7 @@ def test_local_init_puts_head_h_at_its_own_offset() -> None:
     assert grid_local_offsets(9)[:4].tolist() == [[-1, -1], [-1, 0], [-1, 1], [0, -1]]
     assert len(grid_local_offsets(8)) == 4  # K = 2: heads 4 ... 7 stay near-uniform
     proj = torch.nn.Linear(3, 9)
-    local_init_2d(proj)
+    local_init(proj)
     rows, cols = 9, 9
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     centre = (4, 4)  # output pixel (row, col); dx = col_out - col_src, dy = row_out - row_src
@@ -296,3 +267,21 @@ def test_a_grid_larger_than_the_sequence_is_refused() -> None:
     params = random_params(8, 2, None)
     with pytest.raises(ValueError, match="4x4 grid"):
         call(params, torch.randn(1, 15, 8), None, 2, (4, 4))
+
+
+def test_the_module_takes_the_grid_and_the_2d_prior() -> None:
+    norm = build_norm("dtn", 16, 4, grid=(4, 5))
+    assert norm.prior == "2d" and norm.grid == (4, 5) and norm.pos_proj.in_features == 3
+    assert build_norm("dtn", 16, 4).prior == "1d" and build_norm("dtn", 16, 4).pos_proj.in_features == 2
+    assert isinstance(build_norm("ln", 16, 4, grid=(4, 5)), LayerNorm)  # norms without a prior ignore it
+    assert torch.equal(norm.pos_proj.weight[:, 2], torch.tensor([-1.0] * 4))  # the 2-D local init
+    var = DynamicTokenVarNorm(16, 4, grid=(4, 5))
+    for module in (norm, var):
+        with torch.no_grad():
+            module.pos_proj.weight.copy_(torch.tensor(KERNELS["shifted"]).expand(4, 3) * 0.3)
+            module.gate_var.normal_()
+        x = torch.randn(2, 21, 16)
+        mask = torch.cat([torch.ones(2, 1, dtype=torch.bool), torch.rand(2, 20) < 0.6], dim=1)
+        assert relative_error(module(x, mask), dense_reference(module, x, mask), mask) < 1e-5
+    with pytest.raises(ValueError, match="grid must be"):
+        DynamicTokenNorm(16, 4, grid=(4, 0))

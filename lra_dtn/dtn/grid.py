@@ -1,4 +1,4 @@
-"""DTN's 2-D positional prior on an image grid: the authors' own setting, exact and sub-quadratic.
+"""DTN's 2-D positional prior on an image grid (the authors' own setting) and its path: exact, sub-quadratic.
 
 The authors' code (``wqshao126/DTN``, ``models/normkit/norms/dtn.py``) gives every pair of patches the
 features ``(dx, dy, dx^2 + dy^2)`` of output minus source position (``dx`` along a row, ``dy`` down a
@@ -59,7 +59,7 @@ def grid_local_offsets(num_heads: int) -> Tensor:
 
 
 @torch.no_grad()
-def local_init_2d(pos_proj: nn.Linear, locality_strength: float = 1.0) -> None:
+def local_init(pos_proj: nn.Linear, locality_strength: float = 1.0) -> None:
     """The authors' init of ``pos_proj`` (``weight`` ``(H, 3)`` on ``dx, dy, dx^2 + dy^2``): truncated
     normal (std 0.02; timm's default cut at +-2 is far outside), bias 0, then rows ``0 ... K*K-1`` get
     ``2 k_x, 2 k_y, -1`` -- the logit ``-((dx - k_x)^2 + (dy - k_y)^2)`` up to a constant, a Gaussian
@@ -117,6 +117,12 @@ def exact_rows(ly: Tensor, lx: Tensor, xs: Tensor, mask: Tensor, where: tuple[Te
         v = xs[bi[:, 0, 0], hi[:, 0, 0]].transpose(2, 3).reshape(len(p), rows * cols, D)
         out.append(torch.stack([torch.einsum("ng,ngd->nd", p, v), torch.einsum("ng,ngd->nd", p, v * v)]))
     return tuple(torch.cat(out, dim=1)) if out else (xs.new_zeros(0, D), xs.new_zeros(0, D))
+
+
+def normalize(norm, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The path of a :class:`~lra_dtn.dtn.DynamicTokenNorm` whose prior is ``2d``: its parameters, its grid."""
+    return grid_dtn(x, mask, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var, norm.weight,
+                    norm.bias, norm.num_heads, norm.grid, norm.eps)
 
 
 def grid_dtn(x: Tensor, mask: Tensor | None, pos_weight: Tensor, pos_bias: Tensor, gate_mean: Tensor | None,
