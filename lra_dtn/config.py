@@ -15,6 +15,7 @@ from typing import Any
 POOLINGS = ("cls", "mean", "first")
 POS_EMBS = ("sinusoidal", "learned")
 DUAL_HEADS = ("concat", "nli")
+NORM_PRIORS = ("2d", "1d")
 SCHEDULES = ("rsqrt", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
@@ -70,17 +71,33 @@ class ModelConfig:
     n_buckets: int = 10
     # True: every bug and accident of the official code, for every encoder (models/quirks.py lists them).
     official_quirks: bool = False
+    # The image grid (rows, cols) of the tokens, declared by the image tasks (Image, Pathfinder, Path-X):
+    # their pixels in raster order, after the CLS token if any. None: a sequence.
+    grid: tuple[int, int] | None = None
+    # DTN's positional prior on a grid: "2d", the authors' (features dx, dy, dx^2 + dy^2 of the grid
+    # offset), or "1d", the raster sequence's offsets j - i. Sequences always use 1d.
+    norm_prior: str = "2d"
 
     @property
     def encoder_length(self) -> int:
         """Tokens the encoder sees at most: ``max_len``, plus the CLS token that ``cls`` pooling prepends."""
         return self.max_len + (self.pooling == "cls")
 
+    @property
+    def norm_grid(self) -> tuple[int, int] | None:
+        """The grid every norm slot is handed: the task's, unless ``norm_prior`` is ``1d``."""
+        return self.grid if self.norm_prior == "2d" else None
+
     def __post_init__(self) -> None:
         check_fields(self, positive=("vocab_size", "num_classes", "max_len", "num_layers", "emb_dim", "qkv_dim",
                                      "mlp_dim", "num_heads", "block_size", "n_hashes", "n_buckets"),
                      non_negative=("dropout", "attn_dropout", "num_random_blocks"),
-                     choices={"pooling": POOLINGS, "pos_emb": POS_EMBS, "dual_head": DUAL_HEADS})
+                     choices={"pooling": POOLINGS, "pos_emb": POS_EMBS, "dual_head": DUAL_HEADS,
+                              "norm_prior": NORM_PRIORS})
+        if self.grid is not None and (len(self.grid) != 2 or self.grid[0] * self.grid[1] != self.max_len
+                                      or min(self.grid) < 1):
+            raise ValueError(f"ModelConfig.grid must be (rows, cols) with rows * cols = max_len {self.max_len} "
+                             f"(the pixels are the sequence), got {self.grid!r}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Follows the official Flax ``TransformerEncoder`` (spec §6): token embedding N(0, 1), a learned
 zero-initialised CLS vector, sinusoidal or learned positions, dropout, pre-norm blocks with
 bias-free attention projections, a final norm, then pooling and an MLP head. Every norm slot is
-``build_norm(norm, emb_dim, num_heads)`` and is called as ``norm(x, mask)``.
+``build_norm(norm, emb_dim, num_heads, norm_grid)`` (the task's image grid, for DTN's 2-D prior) and
+is called as ``norm(x, mask)``.
 
 An attention is a class registered in :data:`MODELS` and built as ``cls(cfg, layer, seed)``; it maps
 ``(x: (B, T, D), mask: (B, T) bool)`` to ``(B, T, D)`` and must ignore keys where ``mask`` is false. Its
@@ -116,10 +117,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attention: nn.Module, norm: str) -> None:
         super().__init__()
-        self.attn_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads)
+        self.attn_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads, cfg.norm_grid)
         self.attention = attention
         self.dropout = nn.Dropout(cfg.dropout)
-        self.mlp_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads)
+        self.mlp_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads, cfg.norm_grid)
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -137,7 +138,7 @@ class Encoder(nn.Module):
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg, attention_cls(cfg, layer, seed), norm) for layer in range(cfg.num_layers))
         check_pooling(norm, cfg.pooling)
-        self.final_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads)
+        self.final_norm = build_norm(norm, cfg.emb_dim, cfg.num_heads, cfg.norm_grid)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """``(B, T)`` token ids and mask -> pooled ``(B, D)``."""
