@@ -5,6 +5,7 @@
     python -m benchmarks.norms --device cuda --batch 32 --lengths 2000 --precision bf16   # a GPU
     python -m benchmarks.norms --traffic                # bytes per token, LN vs each DTN path, no GPU needed
     python -m benchmarks.norms --small-model --threads 1  # the cpu-preset ListOps Transformer: DTN's fixed cost
+    python -m benchmarks.norms --grid-prior --threads 1 --rounds 5   # DTN's 2-D prior on the image tasks
 
 Kernels: ``init`` is DTN's local init (each head a Gaussian window, ~15 offsets of support); ``wide``
 gives every head a centred Gaussian whose effective support (the offsets DTN convolves over,
@@ -39,6 +40,11 @@ fastest of ``--rounds`` (at least 5) rounds of 8 steps over the same 8 batches. 
 
 Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
 and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
+
+``--grid-prior`` (issue 13) measures instead the training step of the Image and Pathfinder official
+Transformers (their own configs, attention dropout 0 as above, ``--batch`` images) with LN, DTN with the
+1-D prior (``model.norm_prior=1d``) and DTN with the 2-D prior (the default on these tasks), at init.
+Target: DTN-2D/LN <= DTN-1D/LN + 0.05.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -136,9 +143,14 @@ def training_step(model_name: str, label: str, length: int):
     model = build_model(model_name, cfg, name).to(DEVICE).train()
     if half_width:
         widen(model, length + 1)  # + CLS
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(1, cfg.vocab_size, (BATCH, length), device=DEVICE)
     mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]).to(DEVICE)
+    return step_closure(model, cfg, mask)
+
+
+def step_closure(model: torch.nn.Module, cfg: ModelConfig, mask: torch.Tensor):
+    """One training step of ``model`` on random tokens and labels, real where ``mask`` is."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(1, cfg.vocab_size, mask.shape, device=DEVICE)
     labels = torch.randint(0, cfg.num_classes, (BATCH,), device=DEVICE)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
@@ -246,6 +258,35 @@ def traffic_table(traffic_batch: int) -> list[str]:
         lines.append(f"\n(dtn fused: {why})")
     return lines
 
+# ----------------------------------------------------------------------------------------------------
+# Issue 13: DTN's 2-D prior at the image tasks' official shapes.
+
+GRID_TASKS = ("image", "pathfinder")
+GRID_NORMS = {"ln": ("ln", "2d"), "dtn-1d": ("dtn", "1d"), "dtn-2d": ("dtn", "2d")}  # label: (norm, norm_prior)
+
+
+def grid_training_step(task: str, label: str):
+    """A training step of ``task``'s official Transformer (its image grid declared) with ``label``'s norm
+    and prior; every pixel real, as in these tasks' batches."""
+    torch.manual_seed(0)
+    name, prior = GRID_NORMS[label]
+    cfg = TASKS.get(task)().spec(Preset.official, "transformer")[0]
+    cfg = replace(cfg, attn_dropout=0.0, norm_prior=prior)
+    model = build_model("transformer", cfg, name).to(DEVICE).train()
+    return step_closure(model, cfg, torch.ones(BATCH, cfg.max_len, dtype=torch.bool, device=DEVICE))
+
+
+def grid_prior_case(rounds: int) -> list[str]:
+    """Table rows: per image task, the LN step time and the DTN-1D/LN and DTN-2D/LN ratios."""
+    lines = []
+    for task in GRID_TASKS:
+        times = fastest({label: grid_training_step(task, label) for label in GRID_NORMS}, rounds=rounds)
+        ln = times["ln"]
+        lines.append(f"| {task} | {ln[0]:.2f} s | " + " | ".join(
+            f"{ratio(times[k][0], ln[0])} ({ratio(times[k][1], ln[1])})" for k in ("dtn-1d", "dtn-2d")) + " |")
+        print(lines[-1], flush=True)
+    return ["| task (official Transformer) | LN step | DTN-1D / LN | DTN-2D / LN |", "|---|---|---|---|", *lines]
+
 
 #: Batches one timed round of ``--small-model`` steps runs through (the same for LN and DTN).
 SMALL_MODEL_BATCHES = 8
@@ -322,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--traffic-batch", type=int, default=2, help="sequences counted for --traffic (per token)")
     parser.add_argument("--small-model", action="store_true",
                         help="LN vs DTN in the cpu-preset ListOps Transformer (norm call and training step)")
+    parser.add_argument("--grid-prior", action="store_true", help="only the image tasks, DTN's 1-D vs 2-D prior")
     parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     DEVICE, PRECISION = torch.device(args.device), args.precision
@@ -340,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.small_model:
         print(f"{torch.get_num_threads()} CPU threads; fastest of {max(5, args.rounds)} rounds", flush=True)
         print_small_model_table(max(5, args.rounds))
+        return
+    if args.grid_prior:
+        print(f"B={BATCH}, {DEVICE}, {PRECISION} steps, {torch.get_num_threads()} CPU threads. Ratios of the fastest "
+              "wall time (of the process CPU time)", flush=True)
+        print("\n" + "\n".join(grid_prior_case(args.rounds)))
         return
 
     models = [m for m in args.models if m in MODELS]

@@ -27,7 +27,14 @@ Tokens off the grid (the CLS token that ``cls`` pooling prepends) take LayerNorm
 
 Like the 1-D DTN, the grid's normalizer is one ``autograd.Function`` with a hand-written backward
 (autograd through the same steps ran about twice as long on CPU). It keeps the pre-scaled input, the
-inter-token statistics and the row pass's input and output (the kernel's gradient needs both).
+inter-token statistics and the row pass's input and output (the kernel's gradient needs both). It runs
+on any device (matmuls; float32, so TF32 must stay off, PyTorch's default); host syncs: one per call
+(is any pixel masked?) and one more when some outputs need the exact rows.
+
+A fused kernel (:mod:`lra_dtn.dtn.fused` for the 1-D prior) would take the same factorisation: per
+(image, head) tile, the row pass and the column pass over the ``(2D + 1)`` packed values with the two
+``(n, n)`` Toeplitz matrices held in shared memory (``2 n^2`` floats), an online per-output shift as the
+1-D kernels' running maximum, and the exact rows folded in by that shift (no host sync).
 """
 from __future__ import annotations
 
@@ -227,7 +234,12 @@ class _GridCall:
         return planes.permute(0, 2, 4, 1, 3).reshape(B, self.grid[0] * self.grid[1], self.C)
 
     def per_channel(self, per_head: Tensor) -> Tensor:
+        """An ``(H,)`` coefficient as ``(H, 1, D, cols)``, contiguous."""
         return per_head[:, None, None, None].expand(self.H, 1, self.D, self.grid[1]).contiguous()
+
+    def per_channel_vector(self, vector: Tensor) -> Tensor:
+        """A ``(C,)`` parameter as ``(H, 1, D, cols)``, contiguous."""
+        return vector.to(self.dtype).view(self.H, 1, self.D, 1).expand(self.H, 1, self.D, self.grid[1]).contiguous()
 
     def real_mask(self) -> Tensor:
         B, (rows, cols) = self.xs.shape[0], self.grid
@@ -302,14 +314,6 @@ class _GridDTNFunction(torch.autograd.Function):
         with torch.autocast(grad_y.device.type, enabled=False):
             grads = _backward(ctx.call, grad_y, weight)
         return (*grads, None, None, None, None)
-
-
-def _per_channel_vector(self: _GridCall, vector: Tensor) -> Tensor:
-    """A ``(C,)`` parameter as ``(H, 1, D, cols)``, contiguous."""
-    return vector.to(self.dtype).view(self.H, 1, self.D, 1).expand(self.H, 1, self.D, self.grid[1]).contiguous()
-
-
-_GridCall.per_channel_vector = _per_channel_vector
 
 
 def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
