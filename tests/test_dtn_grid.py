@@ -304,3 +304,26 @@ def test_the_encoder_hands_the_task_grid_to_every_norm_slot() -> None:
         replace(cfg, grid=(4, 5))
     with pytest.raises(ValueError, match="norm_prior"):
         replace(cfg, norm_prior="3d")
+
+
+def test_the_figure_draws_each_head_s_2d_window(tmp_path) -> None:
+    from lra_dtn import plots
+
+    proj = torch.nn.Linear(3, 9)
+    local_init(proj)
+    p = plots.grid_windows(proj.weight.detach().double().numpy())
+    d = np.arange(-plots.MAX_OFFSET_2D, plots.MAX_OFFSET_2D + 1)
+    assert p.shape == (9, 13, 13) and np.allclose(p.sum(axis=(-2, -1)), 1)
+    for h, (kx, ky) in enumerate(grid_local_offsets(9).tolist()):  # peak at the head's (dx, dy)
+        row, col = np.unravel_index(p[h].argmax(), p[h].shape)
+        assert (d[col], d[row]) == (kx, ky)
+    assert plots.grid_window_std(plots.grid_windows(np.zeros((1, 3))))[0] == pytest.approx(plots.FLAT_STD_2D)
+    slot = {"gate_mean": [0.5] * 9, "gate_var": [0.5] * 9, "pos_weight": proj.weight.tolist()}
+    runs = [{"preset": "cpu", "task": "pathfinder", "model": "transformer", "norm": "dtn", "seed": seed,
+             "norm_params": {"encoder.blocks.0.attn_norm": slot, "encoder.final_norm": slot}} for seed in (0, 1)]
+    raster = dict(runs[0], norm_params={"encoder.final_norm": {**slot, "pos_weight": [[1.0, -1.0]] * 9}})
+    groups = plots.dtn_groups([*runs, raster])
+    assert [g.grid for g in groups] == [False, True] and groups[1].window.shape == (2, 9, 13, 13)
+    assert "dtn 2-D" in groups[1].label and groups[1].seeds == [0, 1]
+    png = plots.write_dtn_figure([*runs, raster], tmp_path / plots.FIGURE_FILE)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
