@@ -121,9 +121,10 @@ class ImageData(SplitLimits):
 # evaluation once per epoch, no weight decay, no clipping, learned positions, CLS.
 OFFICIAL_TRAIN = TrainConfig(batch_size=256, steps=35_000, lr=5e-4, schedule="cosine", warmup=175,
                              weight_decay=0.0, eval_every=175, checkpoint_every=1750)
+# grid: the tokens are the 32x32 pixels (DTN takes its 2-D prior there; not an LRA setting).
 TRANSFORMER = ModelConfig(vocab_size=256, num_classes=NUM_CLASSES, max_len=SIDE * SIDE, num_layers=1, emb_dim=128,
                           qkv_dim=64, mlp_dim=128, num_heads=8, dropout=0.3, attn_dropout=0.2,
-                          pooling="cls", pos_emb="learned")
+                          pooling="cls", pos_emb="learned", grid=(SIDE, SIDE))
 OFFICIAL_MODELS = {
     "transformer": TRANSFORMER,
     # bigbird_base.py (§7.3): block 64 and the dimensions above, but `config.model.num_head = 4`, a typo for

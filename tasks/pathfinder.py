@@ -254,7 +254,8 @@ PF32_TRAIN = TrainConfig(batch_size=512, steps=62_400, lr=1e-3, schedule="cosine
                          weight_decay=0.0, eval_every=312, checkpoint_every=3120)
 PF32_TRANSFORMER = ModelConfig(vocab_size=VOCAB_SIZE, num_classes=NUM_CLASSES, max_len=32 * 32, num_layers=4,
                                emb_dim=32, qkv_dim=16, mlp_dim=32, num_heads=4, dropout=0.2, attn_dropout=0.1,
-                               pooling="mean", pos_emb="sinusoidal")  # pathfinder32/transformer_base.py at HEAD
+                               pooling="mean", pos_emb="sinusoidal",  # pathfinder32/transformer_base.py at HEAD
+                               grid=(32, 32))  # the pixels: DTN takes its 2-D prior there (not an LRA setting)
 PF32_MODELS = {
     "transformer": PF32_TRANSFORMER,
     "bigbird": replace(PF32_TRANSFORMER, block_size=64, num_layers=4, num_heads=2, emb_dim=64, qkv_dim=32,
@@ -270,7 +271,7 @@ PATHX_TRAIN = TrainConfig(batch_size=64, steps=500_000, lr=1e-3, schedule="cosin
                           weight_decay=0.0, grad_clip=1.0, eval_every=2500, checkpoint_every=25_000)
 PATHX_TRANSFORMER = ModelConfig(vocab_size=VOCAB_SIZE, num_classes=NUM_CLASSES, max_len=128 * 128, num_layers=1,
                                 emb_dim=32, qkv_dim=16, mlp_dim=32, num_heads=2, dropout=0.1, attn_dropout=0.1,
-                                pooling="mean", pos_emb="learned")
+                                pooling="mean", pos_emb="learned", grid=(128, 128))
 
 # cpu (Pathfinder-32): the images stay 32x32 with contour length 14 (anything else is another task); what
 # shrinks is the data set (10,000 generated images, 8,000/1,000/1,000; about a minute with 2 workers) and

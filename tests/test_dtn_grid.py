@@ -4,6 +4,7 @@ CLS token."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lra_dtn.app import plots
+from lra_dtn.config import ModelConfig, Preset
 from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm
 from lra_dtn.dtn import grid as grid2d
 from lra_dtn.dtn.grid import grid_dtn, grid_local_offsets, local_init
 from lra_dtn.dtn.reference import dense_reference, grid_reference as reference
 from lra_dtn.norms import LayerNorm, build_norm
+from models import build_model
+from tasks import TASKS
 
 PARAMS = ("pos_proj.weight", "pos_proj.bias", "gate_mean", "gate_var", "weight", "bias")
 
@@ -286,11 +291,6 @@ def test_the_module_takes_the_grid_and_the_2d_prior() -> None:
 
 
 def test_the_encoder_hands_the_task_grid_to_every_norm_slot() -> None:
-    from dataclasses import replace
-
-    from lra_dtn.config import ModelConfig
-    from models import build_model
-
     cfg = ModelConfig(vocab_size=256, num_classes=2, max_len=16, num_layers=2, emb_dim=16, qkv_dim=16, mlp_dim=32,
                       num_heads=4, pooling="cls", grid=(4, 4))
     model = build_model("transformer", cfg, "dtn")
@@ -307,8 +307,6 @@ def test_the_encoder_hands_the_task_grid_to_every_norm_slot() -> None:
 
 
 def test_the_figure_draws_each_head_s_2d_window(tmp_path) -> None:
-    from lra_dtn import plots
-
     proj = torch.nn.Linear(3, 9)
     local_init(proj)
     p = plots.grid_windows(proj.weight.detach().double().numpy())
@@ -327,3 +325,12 @@ def test_the_figure_draws_each_head_s_2d_window(tmp_path) -> None:
     assert "dtn 2-D" in groups[1].label and groups[1].seeds == [0, 1]
     png = plots.write_dtn_figure([*runs, raster], tmp_path / plots.FIGURE_FILE)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("task, side", [("image", 32), ("pathfinder", 32), ("pathx", 128)])
+def test_the_image_tasks_declare_their_pixel_grid(task: str, side: int) -> None:
+    for preset in Preset:
+        for model in ("transformer", "bigbird", "reformer"):
+            cfg = TASKS.get(task)().spec(preset, model)[0]
+            assert cfg.grid == (side, side) and cfg.norm_grid == (side, side)
+    assert TASKS.get("listops")().spec(Preset.official, "transformer")[0].norm_grid is None
