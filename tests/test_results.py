@@ -188,3 +188,24 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     for name in ("results.csv", "results.md", "runs.csv", "runs/listops-transformer-ln-cpu-s0/result.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_dtn_rows_on_image_tasks_say_which_positional_prior_they_used(tmp_path):
+    def slot(features):  # a norm slot as the engine stores it: pos_proj weights (H, 2) or, 2-D prior, (H, 3)
+        return {"encoder.final_norm": {"gate_mean": [0.5] * 2, "gate_var": [0.5] * 2, "pos_weight": [[0.0] * features] * 2}}
+
+    image = {"variant": "", "model": {"grid": [32, 32]}}
+    fake_run(tmp_path, "pathfinder", "transformer", "ln", 0, 0.5, config=image)
+    fake_run(tmp_path, "pathfinder", "transformer", "dtn", 0, 0.52, norm_params=slot(3), config=image)
+    fake_run(tmp_path, "pathfinder", "transformer", "dtn", 0, 0.51, variant="x1d", norm_params=slot(2),
+             config=dict(image, variant="x1d"))
+    fake_run(tmp_path, "listops", "transformer", "dtn", 0, 0.4, norm_params=slot(2), config={"variant": "", "model": {}})
+    tables.update_tables(tmp_path, figure=False)
+    rows = read_csv(tmp_path / "results.csv")
+    assert rows[("cpu", "pathfinder", "transformer", "dtn")]["prior"] == "2-D"
+    assert rows[("cpu", "pathfinder", "transformer", "dtn", "x1d")]["prior"] == "1-D"
+    assert rows[("cpu", "listops", "transformer", "dtn")]["prior"] == ""  # a sequence: no choice to report
+    assert rows[("cpu", "pathfinder", "transformer", "ln")]["prior"] == ""
+    md = (tmp_path / "results.md").read_text()
+    assert "| pathfinder | transformer | dtn (2-D prior) |" in md and "| pathfinder | transformer | dtn (1-D prior) |" in md
+    assert "DTN's positional prior on the image tasks: the 2-D prior on pathfinder (" in md

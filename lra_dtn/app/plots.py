@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lra_dtn.app.artifacts import atomic_file
-from lra_dtn.app.results import model_order, run_variant, task_order
+from lra_dtn.app.results import is_grid, model_order, run_variant, task_order
 
 FIGURE_FILE = "dtn_gates.png"
 MAX_OFFSET = 32  # the window is drawn over j - i in [-32, 32]
@@ -71,11 +71,6 @@ def grid_window_std(p: np.ndarray, max_offset: int = MAX_OFFSET_2D) -> np.ndarra
     py, px = p.sum(-1), p.sum(-2)  # marginals over dy and dx
     var = [(q * (d - (q * d).sum(-1, keepdims=True)) ** 2).sum(-1) for q in (py, px)]
     return np.sqrt(var[0] + var[1])
-
-
-def is_grid(pos_weight: Any) -> bool:
-    """A slot's ``pos_proj`` weight has 3 features (dx, dy, dx^2 + dy^2) with the 2-D prior, 2 with the 1-D one."""
-    return len(pos_weight[0]) == 3
 
 
 @dataclass

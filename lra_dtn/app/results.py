@@ -17,6 +17,22 @@ def run_variant(run: dict[str, Any]) -> str:
     return (run.get("config") or {}).get("variant") or ""
 
 
+def is_grid(pos_weight: Any) -> bool:
+    """A DTN slot's stored ``pos_proj`` weight has 3 features (dx, dy, dx^2 + dy^2) with the 2-D prior,
+    2 (j - i, (j - i)^2) with the 1-D one."""
+    return len(pos_weight[0]) == 3
+
+
+def run_prior(run: dict[str, Any]) -> str:
+    """DTN's positional prior in a run on a task whose tokens form an image grid: ``"2-D"`` or ``"1-D"``
+    (``model.norm_prior``), read from the weights the run stored; ``""`` for other norms and for tasks
+    without a grid."""
+    params = run.get("norm_params") or {}
+    if not params or not ((run.get("config") or {}).get("model") or {}).get("grid"):
+        return ""
+    return "2-D" if is_grid(next(iter(params.values()))["pos_weight"]) else "1-D"
+
+
 def task_order(task: str) -> tuple[int, str]:
     """LRA's column order, then any other task alphabetically."""
     names = list(LRA_TASK_NAMES)
@@ -50,6 +66,7 @@ class Row:
     diff: PairedDiff | None = None  # vs the baseline norm, same task/model/preset/variant
     failed: list[str] = field(default_factory=list)  # run ids whose last attempt raised
     missing: str = ""  # the reason, when the task's data is missing and no run finished
+    prior: str = ""  # DTN's positional prior on an image task: "2-D" or "1-D" (see run_prior)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -92,6 +109,7 @@ def aggregate(runs: Iterable[dict[str, Any]], missing: Iterable[dict[str, Any]] 
             row.peak_mem_kind = run.get("peak_mem_kind") or row.peak_mem_kind
         row.params = run.get("params", row.params)
         row.data = run.get("data") or row.data
+        row.prior = run_prior(run) or row.prior
     for marker in failed:
         row = row_for(marker["preset"], marker.get("variant", ""), marker["task"], marker["model"], marker["norm"])
         if int(marker["seed"]) not in row.acc:

@@ -65,7 +65,7 @@ def md_escape(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The tables
 
-CSV_COLUMNS = ["preset", "variant", "task", "model", "norm", "data", "n", "seeds", "test_acc_mean_pct",
+CSV_COLUMNS = ["preset", "variant", "task", "model", "norm", "prior", "data", "n", "seeds", "test_acc_mean_pct",
                "test_acc_std_pct", "val_acc_mean_pct", "diff_vs_ln_pct", "diff_ci95_low_pct",
                "diff_ci95_high_pct", "diff_n", "sec_per_step", "peak_mem_mb", "peak_mem_kind", "params",
                "lra_paper_pct", "avg_over_tasks_pct", "avg_tasks", "status", "reason"]
@@ -102,6 +102,7 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
         diff = row.diff
         out.append({
             "preset": row.preset, "variant": row.variant, "task": row.task, "model": row.model, "norm": row.norm,
+            "prior": row.prior,
             "data": row.data, "n": row.n, "seeds": " ".join(str(s) for s in sorted(row.acc)),
             "test_acc_mean_pct": round(mean, 4) if mean is not None else None,
             "test_acc_std_pct": round(std, 4) if std is not None else None,
@@ -195,7 +196,7 @@ def long_table(rows: list[Row]) -> list[str]:
         val = mean_or_none(list(row.val.values()))
         sps = mean_or_none(row.sec_per_step)
         paper = official(row.model, row.task) if row.norm == BASELINE_NORM else None
-        body.append([row.task, row.model, row.norm, str(row.n), fmt_acc(row), fmt_diff(row.diff), pct(val),
+        body.append([row.task, row.model, norm_label(row), str(row.n), fmt_acc(row), fmt_diff(row.diff), pct(val),
                      "" if sps is None else f"{sps * 1000:.1f}",
                      "" if not row.peak_mem_mb else f"{max(row.peak_mem_mb):.0f}",
                      "" if row.params is None else f"{row.params:,}",
@@ -203,6 +204,25 @@ def long_table(rows: list[Row]) -> list[str]:
                                                            and row.model in OFFICIAL_LRA else ""),
                      md_escape(row.data)])
     return markdown_table(header, body, "lllrrrrrrrrl")
+
+
+def norm_label(row: Row) -> str:
+    """The norm, with DTN's positional prior on the image tasks: ``dtn (2-D prior)``."""
+    return f"{row.norm} ({row.prior} prior)" if row.prior else row.norm
+
+
+def prior_note(rows: list[Row]) -> list[str]:
+    """One sentence on the positional prior DTN rows used on the image tasks (``model.norm_prior``)."""
+    tasks: dict[str, set[str]] = {}
+    for row in rows:
+        if row.prior:
+            tasks.setdefault(row.prior, set()).add(row.task)
+    if not tasks:
+        return []
+    used = "; ".join(f"the {prior} prior on {', '.join(sorted(names, key=task_order))}"
+                     for prior, names in sorted(tasks.items(), reverse=True))
+    return ["", f"DTN's positional prior on the image tasks: {used} (2-D: the pixel grid's offsets, the authors' "
+                "prior; 1-D: raster token offsets, `--set model.norm_prior=1d`). Sequence tasks: 1-D."]
 
 
 def diff_table(rows: list[Row]) -> list[str]:
@@ -232,7 +252,7 @@ def to_markdown(rows: list[Row], num_runs: int, figure: str | None = None) -> st
         if preset != "official":
             lines += [f"The `{preset}` preset is far smaller than the official configs (model, data, steps): "
                       "the LRA paper rows are a reference point, not a like-for-like comparison.", ""]
-        lines += ["### By task (LRA layout)", "", *wide_table(group)]
+        lines += ["### By task (LRA layout)", "", *wide_table(group), *prior_note(group)]
         diffs = diff_table(group)
         if diffs:
             lines += ["", f"### Δ vs {BASELINE_NORM} per task and model", "", *diffs]
