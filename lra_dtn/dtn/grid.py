@@ -150,12 +150,8 @@ def grid_dtn(x: Tensor, mask: Tensor | None, pos_weight: Tensor, pos_bias: Tenso
         raise ValueError(f"{T} tokens cannot hold a {rows}x{cols} grid")
     if gate_mean is None:  # dtn_var: lam_m = 1, LayerNorm's mean
         gate_mean = gate_var.new_full(gate_var.shape, math.inf)
-    grid_mask = None if mask is None else mask[:, prefix:]
-    y = _GridDTNFunction.apply(x[:, prefix:], pos_weight, pos_bias, gate_mean, gate_var, weight, bias, grid_mask,
-                               num_heads, (rows, cols), eps)
-    if not prefix:
-        return y
-    return torch.cat([off_grid(x[:, :prefix], weight, bias, num_heads, eps), y], dim=1)
+    return _GridDTNFunction.apply(x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads,
+                                  (rows, cols), eps)
 
 
 def off_grid(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int, eps: float) -> Tensor:
@@ -179,11 +175,14 @@ class _GridCall:
 
     def __init__(self, x: Tensor, pos_weight: Tensor, pos_bias: Tensor, gate_mean: Tensor, gate_var: Tensor,
                  mask: Tensor | None, num_heads: int, grid: tuple[int, int], eps: float) -> None:
-        B, G, C = x.shape
+        B, T, C = x.shape
         H, D = num_heads, C // num_heads
         rows, cols = grid
         self.grid, self.eps, self.C, self.H, self.D = grid, eps, C, H, D
+        self.prefix = P = T - rows * cols
+        self.off = x[:, :P].detach().clone()  # the off-grid tokens (CLS), for their own backward
         self.dtype = dtype = torch.promote_types(x.dtype, torch.float32)  # bf16: E[x^2] - E[x]^2 < 0 (spec)
+        mask = None if mask is None else mask[:, P:]
         xp = self.to_planes(x.to(dtype))
         # 1. RMS pre-scaling per head; 2. LayerNorm statistics of xs = r x from per-head moments. The
         # authors use torch.var's default, the *unbiased* variance (divide by C - 1): kept.
@@ -223,15 +222,17 @@ class _GridCall:
             self.mu_in[b, h, r, :, s], self.second[b, h, r, :, s] = mu, second
 
     def to_planes(self, tokens: Tensor) -> Tensor:
-        """``(B, G, C)`` -> ``(B, H, rows, D, cols)`` (a copy)."""
+        """The grid of ``(B, T, C)`` tokens -> ``(B, H, rows, D, cols)`` (a copy)."""
         rows, cols = self.grid
         B = tokens.shape[0]
-        return tokens.reshape(B, rows, cols, self.H, self.D).permute(0, 3, 1, 4, 2).contiguous()
+        return tokens[:, self.prefix :].reshape(B, rows, cols, self.H, self.D).permute(0, 3, 1, 4, 2).contiguous()
 
-    def to_tokens(self, planes: Tensor) -> Tensor:
-        """``(B, H, rows, D, cols)`` -> ``(B, G, C)`` (a copy)."""
+    def to_tokens(self, planes: Tensor, out: Tensor) -> Tensor:
+        """``(B, H, rows, D, cols)`` -> the grid's rows of ``out`` ``(B, T, C)``."""
         B = planes.shape[0]
-        return planes.permute(0, 2, 4, 1, 3).reshape(B, self.grid[0] * self.grid[1], self.C)
+        rows, cols = self.grid
+        out[:, self.prefix :].view(B, rows, cols, self.H, self.D).copy_(planes.permute(0, 2, 4, 1, 3))
+        return out
 
     def per_channel(self, per_head: Tensor) -> Tensor:
         """An ``(H,)`` coefficient as ``(H, 1, D, cols)``, contiguous."""
@@ -294,31 +295,41 @@ class _GridCall:
 
 
 class _GridDTNFunction(torch.autograd.Function):
-    """The grid tokens ``(B, G, C)``; keeps the pre-scaled input, the inter-token statistics and the
-    row pass's input and output (for the kernel's gradient)."""
+    """Keeps the pre-scaled grid, the inter-token statistics and the row pass's input and output (for
+    the kernel's gradient); the off-grid tokens go through :func:`off_grid` both ways."""
 
     @staticmethod
     def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, grid, eps):
         with torch.autocast(x.device.type, enabled=False):
             call = _GridCall(x, pos_weight, pos_bias, gate_mean, gate_var, mask, num_heads, grid, eps)
-            y, rstd, _ = call.mixed()
-            y.mul_(rstd).mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
-            y = call.to_tokens(y)
+            planes, rstd, _ = call.mixed()
+            planes.mul_(rstd).mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
+            y = call.to_tokens(planes, x.new_empty(x.shape))
+            if call.prefix:
+                y[:, : call.prefix] = off_grid(call.off, weight, bias, num_heads, eps)
         ctx.call = call
-        ctx.save_for_backward(weight)
-        return y.to(x.dtype)
+        ctx.save_for_backward(weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (weight,) = ctx.saved_tensors
+        weight, bias = ctx.saved_tensors
+        call = ctx.call
         with torch.autocast(grad_y.device.type, enabled=False):
-            grads = _backward(ctx.call, grad_y, weight)
-        return (*grads, None, None, None, None)
+            grad_x, *grads, grad_weight, grad_bias = _backward(call, grad_y, weight)
+            if call.prefix:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (call.off, weight, bias)]
+                    y = off_grid(*leaves, call.H, call.eps)
+                    g_off, g_weight, g_bias = torch.autograd.grad(y, leaves, grad_y[:, : call.prefix])
+                grad_x[:, : call.prefix] = g_off
+                grad_weight, grad_bias = grad_weight + g_weight, grad_bias + g_bias
+        return (grad_x, *grads, grad_weight, grad_bias, None, None, None, None)
 
 
 def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
     H, D, C = call.H, call.D, call.C
-    g = call.to_planes(grad_y.to(call.dtype))
+    g = call.to_planes(grad_y.to(call.dtype))  # the grid's rows
     B, _, rows, _, cols = g.shape
     K = 2 * D + 1
     xhat, rstd, var_in = call.mixed()
@@ -370,8 +381,8 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
     alpha = g_mu_ln / C - beta * call.mu_ln
     g_xs.addcmul_(xs, beta).add_(alpha)
     dot = (g_xs * xs).mean(dim=3, keepdim=True)
-    grad_x = call.to_tokens(g_xs.addcmul_(xs, dot, value=-1.0).mul_(call.r))
-    return (grad_x.to(grad_y.dtype), None if grad_pos is None else grad_pos.to(call.pos_weight.dtype),
+    grad_x = call.to_tokens(g_xs.addcmul_(xs, dot, value=-1.0).mul_(call.r), grad_y.new_empty(grad_y.shape))
+    return (grad_x, None if grad_pos is None else grad_pos.to(call.pos_weight.dtype),
             torch.zeros_like(call.pos_bias),  # cancels in the softmax
             g_lam_m * call.lam_m * (1 - call.lam_m), g_lam_v * call.lam_v * (1 - call.lam_v), grad_weight, grad_bias)
 
