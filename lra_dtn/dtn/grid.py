@@ -220,6 +220,7 @@ class _GridCall:
             with torch.no_grad():
                 mu, second = exact_rows(ly, lx, self.xs, self.real_mask(), self.exact)
             self.mu_in[b, h, r, :, s], self.second[b, h, r, :, s] = mu, second
+        self.mix_variance()
 
     def to_planes(self, tokens: Tensor) -> Tensor:
         """The grid of ``(B, T, C)`` tokens -> ``(B, H, rows, D, cols)`` (a copy)."""
@@ -264,15 +265,17 @@ class _GridCall:
         B, H, rows, K, cols = values.shape
         return (values.view(B, H, rows * K, cols) @ self.wx.transpose(1, 2)).view(B, H, rows, K * cols)
 
-    def mixed(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Step 4: ``(xs - mu, 1 / sqrt(var + eps), var_in)`` with ``var_in = max(E[x^2] - mu_in^2, 0)``
-        (rounding can push it below 0)."""
-        var_in = torch.addcmul(self.second, self.mu_in, self.mu_in, value=-1.0).clamp_(min=0.0)
+    def mix_variance(self) -> None:
+        """Step 4 for the variance, kept for backward: ``var_in = max(E[x^2] - mu_in^2, 0)`` (rounding can
+        push it below 0) and ``rstd = 1 / sqrt(lam_v var_ln + (1 - lam_v) var_in + eps)``."""
+        self.var_in = torch.addcmul(self.second, self.mu_in, self.mu_in, value=-1.0).clamp_(min=0.0)
+        var_base = self.var_ln * self.lam_v[:, None, None, None] + self.eps  # (B, H, rows, 1, cols)
+        self.rstd = torch.addcmul(var_base, self.var_in, self.var_in_weight).rsqrt_()
+
+    def centred(self) -> Tensor:
+        """Step 4 for the mean: ``xs - mu``, ``mu = lam_m mu_ln + (1 - lam_m) mu_in`` (a fresh tensor)."""
         shift = self.mu_ln * -self.lam_m[:, None, None, None]  # (B, H, rows, 1, cols)
-        centred = torch.add(self.xs, shift).addcmul_(self.mu_in, self.keep_in)
-        var_base = self.var_ln * self.lam_v[:, None, None, None] + self.eps
-        rstd = torch.addcmul(var_base, var_in, self.var_in_weight).rsqrt_()
-        return centred, rstd, var_in
+        return torch.add(self.xs, shift).addcmul_(self.mu_in, self.keep_in)
 
     def kernel_grad(self, g_wy: Tensor, g_wx: Tensor) -> Tensor:
         """``(H, 3)`` gradient of ``pos_proj.weight`` from those of the per-axis weights (float64).
@@ -302,8 +305,8 @@ class _GridDTNFunction(torch.autograd.Function):
     def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, grid, eps):
         with torch.autocast(x.device.type, enabled=False):
             call = _GridCall(x, pos_weight, pos_bias, gate_mean, gate_var, mask, num_heads, grid, eps)
-            planes, rstd, _ = call.mixed()
-            planes.mul_(rstd).mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
+            planes = call.centred().mul_(call.rstd)
+            planes.mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
             y = call.to_tokens(planes, x.new_empty(x.shape))
             if call.prefix:
                 y[:, : call.prefix] = off_grid(call.off, weight, bias, num_heads, eps)
@@ -332,8 +335,8 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
     g = call.to_planes(grad_y.to(call.dtype))  # the grid's rows
     B, _, rows, _, cols = g.shape
     K = 2 * D + 1
-    xhat, rstd, var_in = call.mixed()
-    xhat.mul_(rstd)
+    rstd, var_in = call.rstd, call.var_in
+    xhat = call.centred().mul_(rstd)
     grad_weight = (g * xhat).sum(dim=(0, 2, 4)).reshape(C)
     grad_bias = g.sum(dim=(0, 2, 4)).reshape(C)
     g_xs = g.mul_(call.per_channel_vector(weight)).mul_(rstd)  # through xhat directly; minus this through mu
