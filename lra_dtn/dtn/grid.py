@@ -31,10 +31,11 @@ inter-token statistics and the row pass's input and output (the kernel's gradien
 on any device (matmuls; float32, so TF32 must stay off, PyTorch's default); host syncs: one per call
 (is any pixel masked?) and one more when some outputs need the exact rows.
 
-A fused GPU kernel would take the same factorisation: per (image, head) tile, the row pass and the
-column pass over the ``(2D + 1)`` packed values with the two ``(n, n)`` Toeplitz matrices held in shared
-memory (``2 n^2`` floats), an online per-output shift like a running maximum, and the exact rows folded
-in by that shift (no host sync).
+The fused path (:mod:`lra_dtn.dtn.fused`, 1-D prior) would take the 2-D prior with the same
+factorisation: per (image, head) tile, the row pass and the column pass over the ``(2D + 1)`` packed
+values with the two ``(n, n)`` Toeplitz matrices in shared memory (``2 n^2`` floats), its running
+per-output maximum as the shift (which makes the exact rows unnecessary: no host sync), and its
+support interval computed per axis from ``(a, c)`` and ``(b, c)``.
 """
 from __future__ import annotations
 
