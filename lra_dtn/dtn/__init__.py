@@ -1,10 +1,12 @@
-"""Dynamic Token Normalization (Shao et al., ICLR 2022) for padded 1-D token sequences.
+"""Dynamic Token Normalization (Shao et al., ICLR 2022) for padded 1-D token sequences and image grids.
 
 One job per file:
 
 * :mod:`~lra_dtn.dtn.module`: the ``dtn`` / ``dtn_var`` modules, their parameters and local init, and
   the registry of paths that compute them (``method``);
 * :mod:`~lra_dtn.dtn.kernel`: the positional prior: logits over token offsets, the kernel's support;
+* :mod:`~lra_dtn.dtn.grid`: the authors' 2-D prior on an image grid (``grid=(rows, cols)``) and its path
+  (two 1-D passes of a factorised kernel, hand-written backward); the CLS token takes LayerNorm's statistics;
 * :mod:`~lra_dtn.dtn.cpu`: the eager path (depthwise or FFT convolution, hand-written backward);
 * :mod:`~lra_dtn.dtn.fused`: the fused Triton path (``method="fused"``, what ``auto`` takes on CUDA),
   registered when triton is installed (the extra ``.[gpu]``; CUDA builds of torch ship it);
