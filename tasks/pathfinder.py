@@ -55,8 +55,8 @@ NUM_CLASSES = 2
 OFFICIAL_NUM_IMAGES = 200_000
 IMAGES_PER_BATCH = 1000  # images per imgs/<k>/ folder and metadata/<k>.npy file when generating
 # CPU seconds per generated image, only for the time estimate printed before a generation: 32 and 128
-# measured (``sample_image`` on one core: 0.006 and 0.11, plus the PNG); 64 and 256 are rough guesses.
-CPU_SECONDS_PER_IMAGE = {32: 0.007, 64: 0.04, 128: 0.12, 256: 0.5}
+# measured (``sample_image`` on one core: 0.009 and 0.13, plus the PNG); 64 and 256 are rough guesses.
+CPU_SECONDS_PER_IMAGE = {32: 0.01, 64: 0.04, 128: 0.14, 256: 0.5}
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,26 @@ def examples(entries: list[Entry], indices: np.ndarray, image_size: int) -> Iter
 # Generating
 
 
+def generated_by(options: PathfinderData) -> dict[str, Any]:
+    """What decides the images of a generated folder besides its name (size and seed), as JSON values."""
+    return json.loads(json.dumps({"params": asdict(options.params), "generator_version": pg.GENERATOR_VERSION}))
+
+
+def check_generated(folder: Path, options: PathfinderData) -> None:
+    """A folder this task generated (it holds ``generated.json``) must be what ``options`` generate now:
+    an older generator's images (e.g. the denser ones from before version 2) are refused, not read."""
+    record = Path(folder) / "generated.json"
+    if not record.exists():
+        return  # the release, or files put there by hand
+    recorded = json.loads(record.read_text())
+    expected = generated_by(options)
+    stale = [key for key in expected if recorded.get(key) != expected[key]]
+    if stale:
+        raise DataError(f"{folder} was generated with other {' and '.join(stale)} than these options give "
+                        f"(generated.json; generator version {recorded.get('generator_version', 1)}, now "
+                        f"{pg.GENERATOR_VERSION}): delete {folder} to generate it again")
+
+
 def generate(out_dir: Path, options: PathfinderData, workers: int = 1) -> Path:
     """Write ``options.num_images`` images into ``out_dir/<difficulty>/`` in the release layout; the
     difficulty folder appears only once complete (built under a temporary name, then renamed).
@@ -222,9 +242,10 @@ def generate(out_dir: Path, options: PathfinderData, workers: int = 1) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{params.difficulty}-"))
     try:
         folder = pg.generate(tmp, options.num_images, options.seed, params, IMAGES_PER_BATCH, workers)
-        # Provenance for a reader of the folder (the loaders only look at metadata/ and imgs/).
+        # Provenance for a reader of the folder (the loaders only look at metadata/ and imgs/), and for
+        # source_files, which refuses a folder that another generator or other settings made.
         (folder / "generated.json").write_text(json.dumps(
-            {"options": asdict(options), "params": asdict(params), "images_per_batch": IMAGES_PER_BATCH,
+            {"options": asdict(options), **generated_by(options), "images_per_batch": IMAGES_PER_BATCH,
              "generator": "tasks/pathfinder_generator.py"}, indent=1))
         os.replace(folder, target)
     finally:
@@ -342,6 +363,7 @@ class Pathfinder(Task):
         """The metadata files and every PNG under ``imgs/`` (an edited image must rebuild the cache; the
         200,000 ``stat`` calls of the release take about 2 s)."""
         folder = self.folder(data_dir, options)
+        check_generated(folder, options)
         files = metadata_files(folder)
         what = (f"the LRA release's {release_name(options)}/ (metadata/*.npy and imgs/*/sample_*.png)"
                 if options.official else f"{options.num_images} images generated with seed {options.seed}")

@@ -9,19 +9,29 @@ script the LRA release was made with (LRA ``lra_benchmarks/data/pathfinder.py``;
    weighted by ``cos(min(turn*continuity, pi/2))**2`` times the free space of the dilated occupancy
    mask; a paddle whose mask overlaps the occupancy (``max(mask + paddle) >= 1.8``) is redrawn, and a
    pair that cannot be finished is thrown away and redrawn.
-3. Short distractor snakes (and, with ``use_single_paddles``, one-paddle distractors) in free space.
+3. Short distractor snakes (and, with ``use_single_paddles``, one-paddle distractors) in free space;
+   a distractor that fails is retried ``max_distractor_contour_retrial`` times, then left out.
 4. Two circles: one on the origin tip of a random target snake, one on the terminal tip of the same
    snake (label 1) or of the other one (label 0).
 5. Paddles and circles are drawn at ``antialias_scale``x with Pillow, Lanczos-downsampled, scaled by a
    contrast and combined by ``max``; the float image is min-max scaled to uint8 (``scipy.misc.imsave``).
 
-What makes it fast (PF-32: ~0.006 CPU-s per image against the original's 0.24, benchmarks/pathfinder.py):
+Seeds (the first paddle of target snake 0 and of each distractor) fail as the original's do: it dilates
+the mask with an off-centre struct through ``cv2.dilate``, whose -DBL_MAX border makes every seed fail
+at most orientations (``_Geometry.seed_blocked``). On PF-32 only 30 of 360 orientations can seed, so a
+target pair is drawn ~300 times per image and only ~1.2 of the 5 distractors are drawn (3.3 of 10 at
+contour length 6): 34 % non-zero pixels, not the 45 % an image with a free border would have. Path-X
+is hardly affected (6 of 360 orientations blocked at margin 2).
+
+What makes it fast (PF-32 hard: ~0.009 CPU-s per image against the original's 0.18 on the same core,
+benchmarks/pathfinder.py):
 every paddle patch, its occupancy patch, its dilation and every seed-dilation kernel depend only on an
 orientation from a finite set, so each is rendered once and cached; paddles are pasted as small
 patches; the occupancy dilated by the margin disc is kept up to date patch by patch and read only at
 the ~20-50 candidate heads; the first target seed's free pixels (on an empty canvas) are cached; the
-other seed dilations are boolean ORs of shifted views. Most of the remaining time is the original's
-own rejection loop: a PF-32 target pair is redrawn ~46 times on average (Path-X: ~375) before one fits.
+other seed dilations are boolean ORs of shifted views; a blocked orientation is known per geometry and
+fails before any dilation. Most of the remaining time is the original's own rejection loop: a PF-32
+target pair is drawn ~300 times on average (Path-X: ~375) before one fits.
 
 Output layout (what the LRA loaders read, spec §2.5)::
 
@@ -49,7 +59,11 @@ LANCZOS = Image.Resampling.LANCZOS
 OCCUPIED = 0.3  # find_available_coordinates: a pixel is taken once ceil(mask - 0.3) >= 1
 OVERLAP = 1.8  # extend_snake accepts a paddle only if max(mask + paddle_mask) < 1.8
 STOP_AVAILABILITY = 0.01  # distractors stop once < 1% of the (undilated) mask is free
-MAX_TARGET_ATTEMPTS = 10_000  # the original retries the target pair forever; we fail loudly instead
+MAX_TARGET_ATTEMPTS = 100_000  # the original retries the target pair forever; we fail loudly instead
+NO_TAILS = np.zeros(0, np.int64)
+# Bumped whenever the same parameters and seed give other images; generated folders record it
+# (tasks/pathfinder.py refuses older ones). 2: seeds fail at cv2.dilate's border as the original's.
+GENERATOR_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +95,10 @@ class PathfinderParams:
     max_distractor_contour_retrial: int = 4
     max_paddle_retrial: int = 2
     use_single_paddles: bool = False  # snakes2_wrapper.py sets False (spec §5)
+    # The original's seeds fail at every orientation whose struct leaves an image pixel with no tap
+    # inside (cv2.dilate's -DBL_MAX border; _Geometry.seed_blocked). False treats the outside of the
+    # image as free: denser images (PF-32 hard: 45 % non-zero pixels, not 34.5 %) than LRA released.
+    opencv_seed_border: bool = True
 
     def __post_init__(self) -> None:
         aa_thickness = self.paddle_thickness * self.antialias_scale
@@ -168,7 +186,8 @@ def _disc(radius: int) -> np.ndarray:
 
 
 def _dilate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Grey dilation (max filter) with a centred kernel; outside the image is ignored (cv2.dilate)."""
+    """Grey dilation (max filter) with a centred kernel that contains its anchor; outside the image is
+    ignored, which is what cv2.dilate's -DBL_MAX border amounts to for such a kernel."""
     ry, rx = kernel.shape[0] // 2, kernel.shape[1] // 2
     h, w = image.shape
     padded = np.zeros((h + 2 * ry, w + 2 * rx), image.dtype)  # images here are >= 0
@@ -177,6 +196,18 @@ def _dilate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     for dy, dx in zip(*np.nonzero(kernel)):
         np.maximum(out, padded[dy:dy + h, dx:dx + w], out=out)
     return out
+
+
+def dilation_border_blocks(size: int, dy: np.ndarray, dx: np.ndarray) -> bool:
+    """Whether ``cv2.dilate`` of a float ``size`` x ``size`` image by a kernel with taps at offsets
+    ``(dy, dx)`` from its anchor (``dst[p] = max src[p + offset]``; no mirroring) leaves -DBL_MAX in
+    some pixel. Its default border value (``morphologyDefaultBorderValue``) becomes -DBL_MAX for
+    float images, so a pixel none of whose taps lands inside the image keeps it; one inside tap is
+    enough to beat it. Pixel (r, c) is reached iff some tap has 0 <= r+dy < size and 0 <= c+dx < size."""
+    rows = np.arange(size)[:, None]
+    row_in = ((rows + dy >= 0) & (rows + dy < size)).astype(np.int64)  # (size, taps)
+    col_in = ((rows + dx >= 0) & (rows + dx < size)).astype(np.int64)
+    return bool(((row_in @ col_in.T) == 0).any())
 
 
 def _resize(array: np.ndarray, size: int) -> np.ndarray:
@@ -211,6 +242,7 @@ class _Geometry:
         self._paddles: dict[float, _Paddle] = {}
         self._seed_kernels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._first_tails: dict[int, np.ndarray] = {}
+        self._seed_blocked: dict[int, bool] = {}
         self._weights: dict[float, np.ndarray] = {}
         # Candidate heads (get_coords_cmf): points on a circle of radius L+m one pixel of arc apart,
         # truncated to ints, de-duplicated and sorted. The original floors *absolute* coordinates; for
@@ -278,9 +310,31 @@ class _Geometry:
         self._seed_kernels[degrees] = kernel
         return kernel
 
+    def seed_blocked(self, degrees: int) -> bool:
+        """Whether the original can never seed a paddle at ``degrees`` on this image size (cached).
+
+        ``seed_snake`` and ``initialize_two_seeds`` dilate the mask with the seed kernel through
+        ``cv2.dilate``, whose border gives -DBL_MAX (:func:`dilation_border_blocks`), and the kernel need
+        not contain its anchor: the struct is drawn one pixel off its centre, so at most orientations it
+        lies on one side of it. Then ``np.ceil(dilated - 0.3)`` is negative somewhere,
+        ``find_available_coordinates`` returns no coordinates whatever the mask holds, and the seed
+        fails at once, without a retry. On PF-32 only the 30 orientations -150..-121 degrees survive
+        (every first paddle points up-left); this is what keeps the released images sparse (1.25 of 5
+        distractors drawn, ~300 target pairs tried per image). Path-X loses 6 of 360 at margin 2, none
+        at margin 3 (its thicker struct covers its anchor)."""
+        blocked = self._seed_blocked.get(degrees)
+        if blocked is None:
+            blocked = self._seed_blocked[degrees] = (
+                self.params.opencv_seed_border and dilation_border_blocks(self.size, *self.seed_kernel(degrees)))
+        return blocked
+
     def free_tails(self, mask: np.ndarray, degrees: int, band: int) -> np.ndarray:
         """Flat indices of the pixels where a paddle at ``degrees`` may start: free (<= 0.3) after
-        marking a ``band``-wide border and dilating ``mask`` (padded) by the seed kernel."""
+        marking a ``band``-wide border and dilating ``mask`` by the seed kernel; none at all where
+        :meth:`seed_blocked`. Elsewhere the -DBL_MAX border never wins a max against an inside tap,
+        so taps outside the image are simply ignored (the padding of ``mask`` is free)."""
+        if self.seed_blocked(degrees):
+            return NO_TAILS
         n, pad = self.size, self.pad
         occupied = mask > OCCUPIED
         occupied[pad:pad + band, pad:pad + n] = True
@@ -390,8 +444,9 @@ class _SnakeState:
 class _Canvas:
     """Image, occupancy mask and the mask dilated by the margin disc, padded by ``geo.pad``.
 
-    The mask's padding stays 0 (outside the image is free and ignored by dilations), so mask pastes
-    are clipped to the image; image pastes may spill into the padding, which is cut off at the end.
+    The mask's padding stays 0 (outside the image is free: ignored by the dilations, see
+    ``_Geometry.free_tails``), so mask pastes are clipped to the image; image pastes may spill into
+    the padding, which is cut off at the end.
     ``dilated`` is kept equal to ``dilate(mask, disc(m))`` inside the image, paddle by paddle."""
 
     def __init__(self, geo: _Geometry, rng: np.random.Generator):

@@ -2,8 +2,10 @@
 seeded 80/10/10 split, generation when missing, folder names per setting, and the official configs."""
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +225,22 @@ def test_generated_when_missing_and_read_back(generated, capsys):
     task.load(root / "data", options, root / "cache")
     assert "generating" not in capsys.readouterr().out
     assert len(list((root / "cache").iterdir())) == 1
+
+
+def test_a_folder_from_an_older_generator_is_refused(generated, tmp_path):
+    """Version 1 drew denser images (seeds ignored cv2.dilate's border): its folders must not be read as
+    today's, and neither may a folder generated with other parameters under the same name."""
+    task, root, options, _ = generated
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    record = data / options.folder / "generated.json"
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps({key: value for key, value in old.items() if key != "generator_version"}))
+    with pytest.raises(DataError, match=r"other generator_version .*version 1, now 2\): delete"):
+        task.load(data, options, tmp_path / "cache")
+    record.write_text(json.dumps({**old, "params": {**old["params"], "opencv_seed_border": False}}))
+    with pytest.raises(DataError, match="other params than these options give"):
+        task.load(data, options, tmp_path / "cache")
 
 
 def test_end_to_end_smoke_and_zero_mask(generated):
