@@ -120,8 +120,8 @@ def test_turns_respect_continuity(params, pf32_samples):
 @pytest.mark.parametrize("contour_length, fixture", [(14, "pf32_samples"), (6, "pf32_easy_samples")],
                          ids=["hard", "easy"])
 def test_statistics_match_the_original(contour_length, fixture, request):
-    """Against the original run on this machine (ORIGINAL_PF32, 2,000 images each; how it was run is
-    written there). The bands are about twice the spread over 10 seeds at this sample size."""
+    """Against the original run on this machine (ORIGINAL_PF32 says how). The bands are about twice
+    the spread of our statistics over 10 seeds at this sample size."""
     samples = request.getfixturevalue(fixture)
     o = ORIGINAL_PF32[contour_length]
     images = np.stack([s.image for s in samples])
@@ -141,7 +141,7 @@ def test_statistics_match_the_original(contour_length, fixture, request):
 
 @pytest.mark.parametrize("size, taps, blocked", [
     (5, [(0, 0)], False),  # the anchor is a tap: every pixel reaches itself
-    (5, [(1, 1)], True),  # row 4 and column 4 reach only the border
+    (5, [(1, 1)], True),  # row 4 and column 4 have no tap inside
     (5, [(1, 0), (0, 1)], True),  # each row and column is reached, but not pixel (4, 4)
     (5, [(1, -1), (-1, 1)], True),  # pixels (0, 0) and (4, 4)
     (5, [(1, 0), (-1, 0), (0, 1), (0, -1)], False),  # a cross around the anchor
