@@ -179,10 +179,7 @@ class _Conv:
                 target, source = (result, planes) if step >= B else (result[rows], planes[rows])
                 if _ONEDNN_ACCUMULATE and cpu and x.dtype == torch.float32:
                     # oneDNN adds the convolution into the (zeroed) workspace: no fresh output to fault in
-                    torch.ops.mkldnn._convolution_pointwise_.binary(
-                        target.zero_(), source, weight, None, [0, self.radius],
-                        [1, 1], [1, 1], channels, "add", None, None, [], None,
-                    )
+                    _depthwise_add_into(target.zero_(), source, weight, self.radius)
                 else:
                     target.copy_(_depthwise(source, weight, self.radius))
         return out
@@ -215,6 +212,15 @@ class _Conv:
 
 #: oneDNN's fused "convolution + add into a given tensor" (the op inductor uses), when this build has it.
 _ONEDNN_ACCUMULATE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+def _depthwise_add_into(out: Tensor, planes: Tensor, weight: Tensor, radius: int) -> Tensor:
+    """``out += _depthwise(planes, weight, radius)`` in one oneDNN call. The op is private (inductor's
+    fused conv + add); its arguments are named after its schema so that a change there fails loudly here."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        other=out, X=planes, W=weight, B=None, padding=[0, radius], stride=[1, 1], dilation=[1, 1],
+        groups=planes.shape[1], binary_attr="add", alpha=None, unary_attr=None, unary_scalars=[],
+        unary_algorithm=None)
 
 
 def _depthwise(planes: Tensor, weight: Tensor, radius: int) -> Tensor:
