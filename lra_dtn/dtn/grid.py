@@ -169,10 +169,16 @@ def off_grid(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int, eps: float
 
 class _GridCall:
     """One call's statistics (steps 1-3) in the passes' layout, *planes* ``(B, H, rows, D, cols)``: the
-    tokens are transposed once on the way in and once on the way out, every pass in between runs on
-    contiguous memory and the row and column passes are batched matmuls over its last and third axes.
-    Per-token scalars are ``(B, 1, rows, 1, cols)``, per-head ones ``(B, H, rows, 1, cols)``. Without
-    padding (the usual image batch) no mask multiplies anything."""
+    row and column passes are batched matmuls over its last and third axes. The tokens are read through
+    a permuted view once on the way in (the pre-scaling writes the planes) and the outputs written
+    through one on the way out (the affine writes the tokens). Per-token scalars are
+    ``(B, 1, rows, 1, cols)``, per-head ones ``(B, H, rows, 1, cols)``. Without padding (the usual
+    image batch) no mask multiplies anything and the pre-scaled grid ``xs`` is the first ``D``
+    channels of the packed values, not a copy.
+
+    On CPU the cost of this path is memory traffic and fresh allocations (each fresh tensor's pages
+    are faulted in), not arithmetic: the steps write into the buffers they keep (the passes' sums are
+    normalised in place) and keep the standardised grid ``xhat`` for backward instead of recomputing it."""
 
     def __init__(self, x: Tensor, pos_weight: Tensor, pos_bias: Tensor, gate_mean: Tensor, gate_var: Tensor,
                  mask: Tensor | None, num_heads: int, grid: tuple[int, int], eps: float) -> None:
@@ -184,17 +190,25 @@ class _GridCall:
         self.off = x[:, :P].detach().clone()  # the off-grid tokens (CLS), for their own backward
         self.dtype = dtype = torch.promote_types(x.dtype, torch.float32)  # bf16: E[x^2] - E[x]^2 < 0 (spec)
         mask = None if mask is None else mask[:, P:]
-        xp = self.to_planes(x.to(dtype))
-        # 1. RMS pre-scaling per head; 2. LayerNorm statistics of xs = r x from per-head moments. The
-        # authors use torch.var's default, the *unbiased* variance (divide by C - 1): kept.
-        head_sq = xp.square().mean(dim=3, keepdim=True)
-        self.r = torch.rsqrt(head_sq + eps)  # (B, H, rows, 1, cols)
-        self.mu_ln = (self.r * xp.mean(dim=3, keepdim=True)).mean(dim=1, keepdim=True)  # (B, 1, rows, 1, cols)
-        var_ln = (self.r.square() * head_sq).mean(dim=1, keepdim=True) - self.mu_ln.square()
-        self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
-        self.xs = xp.mul_(self.r)
         self.mask = None if mask is None or bool(mask.all()) else mask.view(B, rows, cols)
         self.real = None if self.mask is None else self.mask.to(dtype).view(B, 1, rows, 1, cols)
+        # 1. RMS pre-scaling per head; 2. LayerNorm statistics of xs = r x from per-head moments, taken
+        # in the token layout (heads contiguous). The authors use torch.var's default, the *unbiased*
+        # variance (divide by C - 1): kept.
+        xh = x[:, P:].to(dtype).view(B, rows, cols, H, D)
+        head_mean, head_sq = xh.mean(dim=-1), torch.linalg.vector_norm(xh, dim=-1).square_().div_(D)
+        r = torch.rsqrt(head_sq + eps)  # (B, rows, cols, H)
+        self.r = r.permute(0, 3, 1, 2).unsqueeze(3).contiguous()  # (B, H, rows, 1, cols)
+        # per-head mean_d xs and mean_d xs^2, for backward's RMS step
+        self.head_m = (r * head_mean).permute(0, 3, 1, 2).unsqueeze(3).contiguous()
+        self.head_s = (r.square() * head_sq).permute(0, 3, 1, 2).unsqueeze(3).contiguous()
+        self.mu_ln = self.head_m.mean(dim=1, keepdim=True)  # (B, 1, rows, 1, cols)
+        var_ln = self.head_s.mean(dim=1, keepdim=True) - self.mu_ln.square()
+        self.var_ln = var_ln.clamp_(min=0.0) * (C / (C - 1))
+        values = x.new_empty((B, H, rows, self.channels(), cols), dtype=dtype)
+        self.xs = values[:, :, :, :D] if self.mask is None else x.new_empty((B, H, rows, D, cols), dtype=dtype)
+        torch.mul(xh.permute(0, 3, 1, 4, 2), self.r, out=self.xs)
+        self.fill_values(values)
         self.lam_m, self.lam_v = torch.sigmoid(gate_mean.to(dtype)), torch.sigmoid(gate_var.to(dtype))
         # Per-head coefficients expanded over (D, cols): a broadcast (H, 1, 1) operand runs PyTorch's CPU
         # loops several times slower.
@@ -204,36 +218,59 @@ class _GridCall:
         self.pos_weight, self.pos_bias = pos_weight.detach(), pos_bias.detach()
         ly, lx = grid_kernels(self.pos_weight, self.pos_bias, grid)
         self.wy, self.wx = axis_weights(ly, rows).to(dtype), axis_weights(lx, cols).to(dtype)
-        values = self.values()
         along = self.along_rows(values)
         self.kept = (values, along) if pos_weight.requires_grad else None  # for the kernel's gradient
-        sums = (self.wy @ along).view(B, H, rows, 2 * D + 1, cols)
-        norm = sums[:, :, :, 2 * D :]  # (B, H, rows, 1, cols)
-        served = norm >= EXACT_BELOW
-        real = torch.ones_like(served) if self.mask is None else self.mask.view(B, 1, rows, 1, cols).expand_as(served)
-        served &= real
-        self.inv_norm = torch.where(served, norm, 1.0).reciprocal_().mul_(served)  # padding: zero statistics
-        self.mu_in = torch.mul(sums[:, :, :, :D], self.inv_norm)
-        self.second = torch.mul(sums[:, :, :, D : 2 * D], self.inv_norm)
-        b, h, r, _, s = torch.nonzero(real & ~served, as_tuple=True)
-        self.exact = (b, h, r, s)
+        sums = (self.wy @ along).view(B, H, rows, self.channels(), cols)
+        if self.mask is None:  # Z = (Ky 1)(Kx 1), at least 1 (each axis' best weight is 1): no exact rows
+            self.axis_norms = self.wy.sum(dim=-1), self.wx.sum(dim=-1)  # (H, rows), (H, cols)
+            zy, zx = self.axis_norms
+            self.inv_norm = (zy[:, :, None, None] * zx[:, None, None, :]).reciprocal_()  # (H, rows, 1, cols)
+            self.exact = (x.new_empty(0, dtype=torch.long),) * 4
+        else:
+            norm = sums[:, :, :, 2 * D :]  # (B, H, rows, 1, cols)
+            served = norm >= EXACT_BELOW
+            real = self.mask.view(B, 1, rows, 1, cols).expand_as(served)
+            served &= real
+            self.inv_norm = torch.where(served, norm, 1.0).reciprocal_().mul_(served)  # padding: zero statistics
+            b, h, r, _, s = torch.nonzero(real & ~served, as_tuple=True)
+            self.exact = (b, h, r, s)
+        sums[:, :, :, : 2 * D].mul_(self.inv_norm)  # the sums become (mu_in, E[x^2]) in place
+        self.mu_in, self.second = sums[:, :, :, :D], sums[:, :, :, D : 2 * D]
+        b, h, r, s = self.exact
         if len(b):
             with torch.no_grad():
                 mu, second = exact_rows(ly, lx, self.xs, self.real_mask(), self.exact)
             self.mu_in[b, h, r, :, s], self.second[b, h, r, :, s] = mu, second
         self.mix_variance()
+        self.xhat = self.centred().mul_(self.rstd)
 
-    def to_planes(self, tokens: Tensor) -> Tensor:
-        """The grid of ``(B, T, C)`` tokens -> ``(B, H, rows, D, cols)`` (a copy)."""
+    def channels(self) -> int:
+        """Channels of the packed values: ``m xs``, ``m xs^2`` and, on a padded grid, ``m`` (``D``, ``D``,
+        1). Without padding the normaliser is a product of the two axes' row sums, so the passes need not
+        carry a channel of ones."""
+        return 2 * self.D + (self.mask is not None)
+
+    def fill_values(self, values: Tensor) -> None:
+        """``values`` ``(B, H, rows, channels, cols)`` := ``m xs``, ``m xs^2`` and ``m`` (without padding the
+        first block already is ``xs`` and there is no ``m``)."""
+        D = self.D
+        if self.real is None:
+            first = self.xs
+        else:
+            first = torch.mul(self.xs, self.real, out=values[:, :, :, :D])
+            values[:, :, :, 2 * D :] = self.real
+        torch.mul(first, self.xs, out=values[:, :, :, D : 2 * D])  # m^2 = m
+
+    def planes_of(self, tokens: Tensor) -> Tensor:
+        """The grid of ``(B, T, C)`` tokens as ``(B, H, rows, D, cols)``: a view (a copy only for strides
+        that allow none, e.g. some incoming gradients)."""
         rows, cols = self.grid
         B = tokens.shape[0]
-        return tokens[:, self.prefix :].reshape(B, rows, cols, self.H, self.D).permute(0, 3, 1, 4, 2).contiguous()
+        return tokens[:, self.prefix :].reshape(B, rows, cols, self.H, self.D).permute(0, 3, 1, 4, 2)
 
-    def to_tokens(self, planes: Tensor, out: Tensor) -> Tensor:
-        """``(B, H, rows, D, cols)`` -> the grid's rows of ``out`` ``(B, T, C)``."""
-        B = planes.shape[0]
-        rows, cols = self.grid
-        out[:, self.prefix :].view(B, rows, cols, self.H, self.D).copy_(planes.permute(0, 2, 4, 1, 3))
+    def write_tokens(self, planes: Tensor, out: Tensor) -> Tensor:
+        """``planes`` ``(B, H, rows, D, cols)`` written into the grid's rows of ``out`` ``(B, T, C)``."""
+        self.planes_of(out).copy_(planes)
         return out
 
     def per_channel(self, per_head: Tensor) -> Tensor:
@@ -247,19 +284,6 @@ class _GridCall:
     def real_mask(self) -> Tensor:
         B, (rows, cols) = self.xs.shape[0], self.grid
         return torch.ones(B, rows, cols, dtype=torch.bool, device=self.xs.device) if self.mask is None else self.mask
-
-    def values(self) -> Tensor:
-        """``(B, H, rows, 2D + 1, cols)``: ``m xs``, ``m xs^2`` and ``m`` of the grid."""
-        B, H, rows, D, cols = self.xs.shape
-        values = self.xs.new_empty(B, H, rows, 2 * D + 1, cols)
-        if self.real is None:
-            first = values[:, :, :, :D].copy_(self.xs)
-            values[:, :, :, 2 * D] = 1.0
-        else:
-            first = torch.mul(self.xs, self.real, out=values[:, :, :, :D])
-            values[:, :, :, 2 * D :] = self.real
-        torch.mul(first, self.xs, out=values[:, :, :, D : 2 * D])  # m^2 = m
-        return values
 
     def along_rows(self, values: Tensor) -> Tensor:
         """The row pass: ``(B, H, rows, K, cols)`` -> ``(B, H, rows, K * cols)`` for the column pass."""
@@ -299,18 +323,20 @@ class _GridCall:
 
 
 class _GridDTNFunction(torch.autograd.Function):
-    """Keeps the pre-scaled grid, the inter-token statistics and the row pass's input and output (for
-    the kernel's gradient); the off-grid tokens go through :func:`off_grid` both ways."""
+    """Keeps the pre-scaled grid, the inter-token statistics, the standardised grid and the row pass's
+    input and output (for the kernel's gradient); the off-grid tokens go through :func:`off_grid` both
+    ways. Backward never writes into what forward kept (``retain_graph`` / gradcheck call it again)."""
 
     @staticmethod
     def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, grid, eps):
         with torch.autocast(x.device.type, enabled=False):
             call = _GridCall(x, pos_weight, pos_bias, gate_mean, gate_var, mask, num_heads, grid, eps)
-            planes = call.centred().mul_(call.rstd)
-            planes.mul_(call.per_channel_vector(weight)).add_(call.per_channel_vector(bias))  # 5.
-            y = call.to_tokens(planes, x.new_empty(x.shape))
+            y = call.write_tokens(call.xhat, x.new_empty(x.shape, dtype=call.dtype))
+            grid = y[:, call.prefix :]  # 5. in the token layout, where the affine's operands are contiguous
+            torch.addcmul(bias.to(y.dtype), grid, weight.to(y.dtype), out=grid)
             if call.prefix:
                 y[:, : call.prefix] = off_grid(call.off, weight, bias, num_heads, eps)
+            y = y.to(x.dtype)  # bf16 tokens: the affine ran in float32
         ctx.call = call
         ctx.save_for_backward(weight, bias)
         return y
@@ -332,33 +358,47 @@ class _GridDTNFunction(torch.autograd.Function):
 
 
 def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
+    """The gradients, in as few passes and fresh full-size tensors as the algebra allows: ``t`` is one
+    scratch grid reused by every product that is only summed, and ``g_sums`` receives the statistics'
+    gradients where they are made."""
     H, D, C = call.H, call.D, call.C
-    g = call.to_planes(grad_y.to(call.dtype))  # the grid's rows
+    g = call.planes_of(grad_y).to(call.dtype, memory_format=torch.contiguous_format, copy=True)  # the grid's rows
     B, _, rows, _, cols = g.shape
-    K = 2 * D + 1
-    rstd, var_in = call.rstd, call.var_in
-    xhat = call.centred().mul_(rstd)
-    grad_weight = (g * xhat).sum(dim=(0, 2, 4)).reshape(C)
-    grad_bias = g.sum(dim=(0, 2, 4)).reshape(C)
+    K = call.channels()
+    rstd, var_in, xhat, xs = call.rstd, call.var_in, call.xhat, call.xs
+    mu_in, second = call.mu_in, call.second
+    t = torch.mul(g, xhat)
+    grad_weight = t.sum(dim=(0, 2, 4)).reshape(C)
+    grad_bias = grad_y[:, call.prefix :].sum(dim=(0, 1), dtype=call.dtype)
     g_xs = g.mul_(call.per_channel_vector(weight)).mul_(rstd)  # through xhat directly; minus this through mu
-    g_var = xhat.mul_(g_xs).mul_(rstd)  # -1/2 of this is the gradient of var
+    g_var = torch.mul(xhat, g_xs, out=t).mul_(rstd)  # -1/2 of this is the gradient of var
     heads_g, heads_var = g_xs.sum(dim=3, keepdim=True), g_var.sum(dim=3, keepdim=True)  # (B, H, rows, 1, cols)
+    g_sums = g_xs.new_empty(B, H, rows, K, cols)
+    g_mu_in, g_var_in = g_sums[:, :, :, :D], g_sums[:, :, :, D : 2 * D]  # still scratch here
     # gates: d/d lam_m = sum g_mu (mu_ln - mu_in), d/d lam_v = sum g_var (var_ln - var_in)
-    g_lam_m = (g_xs * call.mu_in).sum(dim=(0, 2, 3, 4)) - (heads_g * call.mu_ln).sum(dim=(0, 2, 3, 4))
-    g_lam_v = ((g_var * var_in).sum(dim=(0, 2, 3, 4)) - (heads_var * call.var_ln).sum(dim=(0, 2, 3, 4))) * 0.5
+    g_lam_m = (torch.mul(g_xs, mu_in, out=g_mu_in).sum(dim=(0, 2, 3, 4))
+               - (heads_g * call.mu_ln).sum(dim=(0, 2, 3, 4)))
+    g_lam_v = (torch.mul(g_var, var_in, out=g_var_in).sum(dim=(0, 2, 3, 4))
+               - (heads_var * call.var_ln).sum(dim=(0, 2, 3, 4))) * 0.5
     lam_m, lam_v = call.lam_m[:, None, None, None], call.lam_v[:, None, None, None]
     g_mu_ln = -(heads_g * lam_m).sum(dim=1, keepdim=True)  # (B, 1, rows, 1, cols)
     g_var_ln = (heads_var * lam_v).sum(dim=1, keepdim=True) * -0.5
 
     # Inter-token branch: mu_in = N1 / Z, second = N2 / Z for the sums N1, N2, Z of the passes; d var_in
     # / d(second - mu_in^2) = 1 where it was not clamped at 0, i.e. sign(var_in). Exact rows: inv_norm 0.
-    g_var_in = g_var.mul_(torch.sign(var_in).mul_(call.var_in_weight)).mul_(-0.5)
-    g_mu_in = torch.mul(g_xs, call.keep_in).addcmul_(call.mu_in, g_var_in, value=-2.0)
-    g_sums = g_xs.new_empty(B, H, rows, K, cols)
-    g_sum1 = torch.mul(g_mu_in, call.inv_norm, out=g_sums[:, :, :, :D])
-    g_sum2 = torch.mul(g_var_in, call.inv_norm, out=g_sums[:, :, :, D : 2 * D])
-    torch.add((g_sum1 * call.mu_in).sum(dim=3, keepdim=True), (g_sum2 * call.second).sum(dim=3, keepdim=True),
-              alpha=1.0, out=g_sums[:, :, :, 2 * D :]).neg_()
+    torch.sign(var_in, out=g_var_in).mul_(g_var).mul_(call.var_in_weight * -0.5)
+    torch.mul(g_xs, call.keep_in, out=g_mu_in).addcmul_(mu_in, g_var_in, value=-2.0)
+    if len(call.exact[0]):  # outputs computed exactly: their gradient through the same float64 softmax
+        b, h, r, s = call.exact
+        g_rows_xs, g_rows_pos = _exact_backward(call, g_mu_in[b, h, r, :, s], g_var_in[b, h, r, :, s])
+    g_norm = None  # Z's gradient: needed on a padded grid, or for the kernel's gradient without padding
+    if call.mask is not None or call.kept is not None:
+        g_norm = torch.mul(g_mu_in, mu_in, out=t).sum(dim=3, keepdim=True)
+        g_norm += torch.mul(g_var_in, second, out=t).sum(dim=3, keepdim=True)
+        g_norm.mul_(call.inv_norm).neg_()  # (B, H, rows, 1, cols)
+    g_sums[:, :, :, : 2 * D].mul_(call.inv_norm)
+    if call.mask is not None:
+        g_sums[:, :, :, 2 * D :] = g_norm
     g_planes = g_sums.view(B, H, rows, K * cols)
     g_along = call.wy.transpose(1, 2) @ g_planes  # adjoint of the column pass
     g_values = (g_along.view(B, H, rows * K, cols) @ call.wx).view(B, H, rows, K, cols)  # ... of the row pass
@@ -367,25 +407,30 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
         values, along = call.kept
         g_wy = (g_planes @ along.transpose(2, 3)).sum(dim=0)
         g_wx = (g_along.view(B, H, rows * K, cols).transpose(2, 3) @ values.view(B, H, rows * K, cols)).sum(dim=0)
+        if call.mask is None:  # Z = zy zx with zy = Ky 1, zx = Kx 1: every weight of an output row gets its share
+            zy, zx = call.axis_norms
+            g_z = g_norm.squeeze(3)  # (B, H, rows, cols)
+            g_wy += torch.einsum("bhrc,hc->hr", g_z, zx)[:, :, None]
+            g_wx += torch.einsum("bhrc,hr->hc", g_z, zy)[:, :, None]
         grad_pos = call.kernel_grad(g_wy, g_wx)
 
-    # d(m xs) = m, d(m xs^2) = 2 m xs, then the LayerNorm statistics (alpha + beta xs per token), then the
-    # RMS pre-scaling: g -> r (g - xs mean_head(g xs)).
-    xs = call.xs
+    # d(m xs) = m, d(m xs^2) = 2 m xs: g_xs += m (g_1 + 2 xs g_2)
     g_first = g_values[:, :, :, :D].addcmul_(g_values[:, :, :, D : 2 * D], xs, value=2.0)
-    if call.real is not None:
-        g_first.mul_(call.real)
-    g_xs += g_first
-    if len(call.exact[0]):  # outputs computed exactly: their gradient through the same float64 softmax
-        b, h, r, s = call.exact
-        g_rows_xs, g_rows_pos = _exact_backward(call, g_mu_in[b, h, r, :, s], g_var_in[b, h, r, :, s])
+    if call.real is None:
+        g_xs += g_first
+    else:
+        g_xs.addcmul_(g_first, call.real)
+    if len(call.exact[0]):
         g_xs += g_rows_xs
         grad_pos = None if grad_pos is None else grad_pos + g_rows_pos
+    # The LayerNorm statistics add alpha + beta xs per token, then the RMS pre-scaling maps g to
+    # r (g - xs mean_head(g xs)); the per-head means of xs and xs^2 (kept) carry alpha's and beta's
+    # share of that mean, so grad_x = r (g_xs + alpha + xs (beta - dot)).
     beta = g_var_ln * (2 / (C - 1))
     alpha = g_mu_ln / C - beta * call.mu_ln
-    g_xs.addcmul_(xs, beta).add_(alpha)
-    dot = (g_xs * xs).mean(dim=3, keepdim=True)
-    grad_x = call.to_tokens(g_xs.addcmul_(xs, dot, value=-1.0).mul_(call.r), grad_y.new_empty(grad_y.shape))
+    dot = torch.mul(g_xs, xs, out=t).mean(dim=3, keepdim=True) + alpha * call.head_m + beta * call.head_s
+    g_xs.addcmul_(xs, beta - dot).add_(alpha).mul_(call.r)
+    grad_x = call.write_tokens(g_xs, grad_y.new_empty(grad_y.shape))
     return (grad_x, None if grad_pos is None else grad_pos.to(call.pos_weight.dtype),
             torch.zeros_like(call.pos_bias),  # cancels in the softmax
             g_lam_m * call.lam_m * (1 - call.lam_m), g_lam_v * call.lam_v * (1 - call.lam_v), grad_weight, grad_bias)
