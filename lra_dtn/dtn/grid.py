@@ -27,9 +27,10 @@ Tokens off the grid (the CLS token that ``cls`` pooling prepends) take LayerNorm
 
 Like the 1-D DTN, the grid's normalizer is one ``autograd.Function`` with a hand-written backward
 (autograd through the same steps ran about twice as long on CPU). It keeps the pre-scaled input, the
-inter-token statistics and the row pass's input and output (the kernel's gradient needs both). It runs
-on any device (matmuls; float32, so TF32 must stay off, PyTorch's default); host syncs: one per call
-(is any pixel masked?) and one more when some outputs need the exact rows.
+inter-token statistics, the standardised output before the affine and the row pass's input and output
+(the kernel's gradient needs both). It runs on any device (matmuls; float32, so TF32 must stay off,
+PyTorch's default); host syncs: one per call (is any pixel masked?) and, on a padded grid, one more
+(which outputs need the exact rows).
 
 The fused path (:mod:`lra_dtn.dtn.fused`, 1-D prior) would take the 2-D prior with the same
 factorisation: per (image, head) tile, the row pass and the column pass over the ``(2D + 1)`` packed
@@ -170,8 +171,8 @@ def off_grid(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int, eps: float
 class _GridCall:
     """One call's statistics (steps 1-3) in the passes' layout, *planes* ``(B, H, rows, D, cols)``: the
     row and column passes are batched matmuls over its last and third axes. The tokens are read through
-    a permuted view once on the way in (the pre-scaling writes the planes) and the outputs written
-    through one on the way out (the affine writes the tokens). Per-token scalars are
+    a permuted view once on the way in (the pre-scaling writes the planes) and copied back once on the
+    way out (the affine then runs on the contiguous tokens). Per-token scalars are
     ``(B, 1, rows, 1, cols)``, per-head ones ``(B, H, rows, 1, cols)``. Without padding (the usual
     image batch) no mask multiplies anything and the pre-scaled grid ``xs`` is the first ``D``
     channels of the packed values, not a copy.
@@ -239,7 +240,7 @@ class _GridCall:
         b, h, r, s = self.exact
         if len(b):
             with torch.no_grad():
-                mu, second = exact_rows(ly, lx, self.xs, self.real_mask(), self.exact)
+                mu, second = exact_rows(ly, lx, self.xs, self.mask, self.exact)
             self.mu_in[b, h, r, :, s], self.second[b, h, r, :, s] = mu, second
         self.mix_variance()
         self.xhat = self.centred().mul_(self.rstd)
@@ -280,10 +281,6 @@ class _GridCall:
     def per_channel_vector(self, vector: Tensor) -> Tensor:
         """A ``(C,)`` parameter as ``(H, 1, D, cols)``, contiguous."""
         return vector.to(self.dtype).view(self.H, 1, self.D, 1).expand(self.H, 1, self.D, self.grid[1]).contiguous()
-
-    def real_mask(self) -> Tensor:
-        B, (rows, cols) = self.xs.shape[0], self.grid
-        return torch.ones(B, rows, cols, dtype=torch.bool, device=self.xs.device) if self.mask is None else self.mask
 
     def along_rows(self, values: Tensor) -> Tensor:
         """The row pass: ``(B, H, rows, K, cols)`` -> ``(B, H, rows, K * cols)`` for the column pass."""
@@ -369,7 +366,7 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
     mu_in, second = call.mu_in, call.second
     t = torch.mul(g, xhat)
     grad_weight = t.sum(dim=(0, 2, 4)).reshape(C)
-    grad_bias = grad_y[:, call.prefix :].sum(dim=(0, 1), dtype=call.dtype)
+    grad_bias = g.sum(dim=(0, 2, 4)).reshape(C)
     g_xs = g.mul_(call.per_channel_vector(weight)).mul_(rstd)  # through xhat directly; minus this through mu
     g_var = torch.mul(xhat, g_xs, out=t).mul_(rstd)  # -1/2 of this is the gradient of var
     heads_g, heads_var = g_xs.sum(dim=3, keepdim=True), g_var.sum(dim=3, keepdim=True)  # (B, H, rows, 1, cols)
@@ -443,5 +440,5 @@ def _exact_backward(call: _GridCall, g_mu: Tensor, g_second: Tensor) -> tuple[Te
         pos_weight = call.pos_weight.double().requires_grad_()
         xs = call.xs.detach().requires_grad_()
         ly, lx = grid_kernels(pos_weight, call.pos_bias, call.grid)
-        mu, second = exact_rows(ly, lx, xs, call.real_mask(), call.exact)
+        mu, second = exact_rows(ly, lx, xs, call.mask, call.exact)
         return torch.autograd.grad((mu, second), (xs, pos_weight), (g_mu, g_second))
