@@ -398,7 +398,6 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
         g_sums[:, :, :, 2 * D :] = g_norm
     g_planes = g_sums.view(B, H, rows, K * cols)
     g_along = call.wy.transpose(1, 2) @ g_planes  # adjoint of the column pass
-    g_values = (g_along.view(B, H, rows * K, cols) @ call.wx).view(B, H, rows, K, cols)  # ... of the row pass
     grad_pos = None
     if call.kept is not None:
         values, along = call.kept
@@ -411,6 +410,10 @@ def _backward(call: _GridCall, grad_y: Tensor, weight: Tensor):
             g_wx += torch.einsum("bhrc,hr->hc", g_z, zy)[:, :, None]
         grad_pos = call.kernel_grad(g_wy, g_wx)
 
+    # ... of the row pass, into g_sums (read for the last time above): one fresh buffer fewer
+    wx = call.wx.expand(B, H, cols, cols).reshape(B * H, cols, cols)
+    g_values = torch.bmm(g_along.view(B * H, rows * K, cols), wx, out=g_sums.view(B * H, rows * K, cols))
+    g_values = g_values.view(B, H, rows, K, cols)
     # d(m xs) = m, d(m xs^2) = 2 m xs: g_xs += m (g_1 + 2 xs g_2)
     g_first = g_values[:, :, :, :D].addcmul_(g_values[:, :, :, D : 2 * D], xs, value=2.0)
     if call.real is None:
