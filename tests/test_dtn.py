@@ -361,7 +361,9 @@ def test_parameters_and_registry() -> None:
         DynamicTokenNorm(32, 4, method="dense")
 
 
-class _LargestTensor(TorchDispatchMode):
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (also used by test_dtn_grid)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
@@ -382,7 +384,7 @@ def test_never_materialises_a_batch_head_token_token_tensor(kernel) -> None:
         randomised(norm, *kernel)
     x = torch.randn(B, T, C, requires_grad=True)
     mask = torch.arange(T)[None] < torch.tensor([[T], [300]])
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         norm(x, mask).sum().backward()
     assert probe.largest < B * H * T * T // 8, probe.largest
 

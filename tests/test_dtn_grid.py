@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lra_dtn.app import plots
 from lra_dtn.config import ModelConfig, Preset
@@ -22,6 +21,7 @@ from lra_dtn.dtn.reference import dense_reference, grid_reference as reference
 from lra_dtn.norms import LayerNorm, build_norm
 from models import build_model
 from tasks import TASKS
+from test_dtn import LargestTensor
 
 PARAMS = ("pos_proj.weight", "pos_proj.bias", "gate_mean", "gate_var", "weight", "bias")
 
@@ -244,24 +244,11 @@ def test_bf16_autocast_computes_statistics_in_float32() -> None:
     torch.testing.assert_close(y.float(), call(params, x.float(), None, 4, (8, 8)), rtol=2e-2, atol=2e-2)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_never_materialises_a_batch_head_token_token_tensor() -> None:
     B, rows, cols, C, H = 2, 32, 32, 16, 4
     params = {k: v.requires_grad_() for k, v in random_params(C, H, (0.0, 0.0, -1e-4)).items()}
     x = torch.randn(B, 1 + rows * cols, C, requires_grad=True)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         call(params, x, torch.rand(B, 1 + rows * cols) < 0.7, H, (rows, cols)).sum().backward()
     assert probe.largest <= B * (1 + rows * cols) * (2 * C + H), probe.largest  # the packed values
 
