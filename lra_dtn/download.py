@@ -52,7 +52,7 @@ from typing import IO, Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from lra_dtn.workdirs import make_work_folder, remove_abandoned
+from lra_dtn.workdirs import make_work_folder, remove_abandoned, write_atomic
 
 CHUNK = 1 << 20
 TIMEOUT = 60  # seconds without a byte before a connection counts as stopped
@@ -250,12 +250,6 @@ def verify(archive: Archive, downloads: Path, size: int, sha256: str, what: str,
                                    "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1) + "\n")
     say(f"{archive.filename}: no published checksum; size {size:,} bytes, SHA-256 {sha256}, recorded in "
         f"{path} (later runs check against it)")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

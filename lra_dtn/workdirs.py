@@ -1,4 +1,8 @@
-"""Temporary work folders that a killed process can leave behind, and their clean-up.
+"""Files and folders written under a temporary name and renamed into place, and the clean-up of the
+temporary folders a killed process can leave behind.
+
+A file written through :func:`atomic_file` is seen whole or not at all (results, tables, checkpoints,
+download records).
 
 A cache build or an archive extraction writes into a temporary folder beside its target and renames it
 when complete, so a kill never leaves a half-written target; it can leave the temporary folder, as large
@@ -8,11 +12,13 @@ removes the ones whose process is gone, and leaves alone those of live processes
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def make_work_folder(parent: Path, prefix: str) -> Path:
@@ -43,3 +49,35 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends, removed
+    if it raises. So readers see the old file or the new one, never a part. The file gets the
+    permissions a plain ``open`` would give (``mkstemp`` makes it owner-only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`), synced to disk."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -7,12 +7,11 @@ leaves a half-written JSON, CSV or Markdown table behind.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from lra_dtn.workdirs import write_atomic
 
 RESULT_FILE = "result.json"
 MISSING_DIR = "missing"
@@ -22,38 +21,6 @@ FAILED_DIR = "failed"
 class RunFileError(ValueError):
     """A file under ``OUT`` that should be one of ours (run result, marker, checkpoint) but is not:
     damaged or foreign. The message names the file and what to delete."""
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends, removed
-    if it raises. So readers see the old file or the new one, never a part. The file gets the
-    permissions a plain ``open`` would give (``mkstemp`` makes it owner-only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`), synced to disk."""
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_json(path: Path, obj: Any) -> None:

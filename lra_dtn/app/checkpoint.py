@@ -10,6 +10,7 @@ import torch
 
 from lra_dtn.app import artifacts
 from lra_dtn.config import RunSpec
+from lra_dtn.workdirs import atomic_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -24,7 +25,7 @@ def run_dir(out: Path, spec: RunSpec) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, then rename: a kill mid-write keeps the previous one."""
-    with artifacts.atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
 
 

@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lra_dtn.app.artifacts import atomic_file
 from lra_dtn.app.results import is_grid, model_order, run_variant, task_order
+from lra_dtn.workdirs import atomic_file
 
 FIGURE_FILE = "dtn_gates.png"
 MAX_OFFSET = 32  # the window is drawn over j - i in [-32, 32]

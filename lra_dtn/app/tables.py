@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lra_dtn.app import plots
-from lra_dtn.app.artifacts import FAILED_DIR, MISSING_DIR, load_markers, load_runs, write_atomic
+from lra_dtn.app.artifacts import FAILED_DIR, MISSING_DIR, load_markers, load_runs
 from lra_dtn.app.paper import LRA_TASK_NAMES, NOT_AVERAGED, OFFICIAL_AVG, OFFICIAL_LRA, OFFICIAL_MODEL_NAMES, official
 from lra_dtn.app.results import BASELINE_NORM, Row, aggregate, model_order, norm_order, sort_key, task_order
 from lra_dtn.app.stats import PairedDiff
+from lra_dtn.workdirs import write_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Formatting
