@@ -193,7 +193,9 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(engine, "train", interrupted)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--task", "listops", "--model", "transformer", "--out", str(tmp_path)])
+        # the train command prepares (generates) the data before training: keep that small and inside tmp_path
+        main(["--task", "listops", "--model", "transformer", "--preset", "smoke", "--out", str(tmp_path),
+              "--data-dir", str(tmp_path / "data")])
     assert exit_info.value.code == 130
     assert "interrupted: the last checkpoint is kept; the same command with --resume" in capsys.readouterr().err
 
