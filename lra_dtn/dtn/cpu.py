@@ -92,10 +92,12 @@ def make_plan(pos_weight: Tensor, length: int, method: str, dtype: torch.dtype) 
     support = plan_support(kernel_logits(pos_weight.detach(), length))
     kernel, dmin, dmax = support.kernel, support.dmin, support.dmax
     chosen = "conv"
-    if method != "conv" and not support.far and float((support.rel + kernel.sum(dim=1).log()).max()) <= FFT_RANGE:
-        taps = 2 * max(dmax, -dmin) + 1
+    taps = 2 * max(dmax, -dmin) + 1
+    # (n >= length: FFT cannot be cheaper below FFT_COST * log2(length) taps, so n is not always needed)
+    if method == "fft" or (method == "auto" and taps > FFT_COST * math.log2(max(length, 2))):
         n = _fast_fft_length(length + max(dmax, -dmin))
-        if method == "fft" or FFT_COST * math.log2(n) * n / length < taps:
+        cheaper = method == "fft" or FFT_COST * math.log2(n) * n / length < taps
+        if cheaper and not support.far and float((support.rel + kernel.sum(dim=1).log()).max()) <= FFT_RANGE:
             chosen = "fft"
     return Plan(**vars(support), method=chosen, dtype=dtype)
 

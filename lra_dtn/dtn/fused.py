@@ -53,7 +53,7 @@ import os
 import torch
 from torch import Tensor
 
-from lra_dtn.dtn.module import PATHS
+from lra_dtn.dtn.module import DEVICE_PATHS, PATHS
 
 try:
     import triton
@@ -386,8 +386,9 @@ def normalize(norm, x: Tensor, mask: Tensor | None) -> Tensor:
                           norm.bias, mask, norm.num_heads, norm.eps)
 
 
-if triton is not None:  # what ``auto`` takes for CUDA tensors
+if triton is not None:
     PATHS.register("fused")(normalize)
+    DEVICE_PATHS["cuda"] = normalize  # what ``auto`` takes for CUDA tensors
 
 
 class FusedDTN(torch.autograd.Function):

@@ -97,10 +97,10 @@ def plan_support(table: Tensor) -> Support:
     # TRUNCATION * exp(-reach), and every token the fast path serves has a normaliser >= exp(-reach).
     keep = table >= (peak - reach - math.log(2 * length / TRUNCATION))[:, None]
     keep[:, length - 1] = True
-    offsets = torch.nonzero(keep.any(dim=0)).flatten()
-    dmin, dmax = int(offsets[0]) - (length - 1), int(offsets[-1]) - (length - 1)
+    first, last = torch.nonzero(keep.any(dim=0)).flatten()[[0, -1]].tolist()
+    dmin, dmax = first - (length - 1), last - (length - 1)
     kernel = torch.exp(table[:, dmin + length - 1 : dmax + length] - peak[:, None])
-    far = [h for h in range(table.shape[0]) if rel[h] > DYNAMIC_RANGE]
+    far = torch.nonzero(rel > DYNAMIC_RANGE).flatten().tolist()
     # The centre of the kernel gradient's features (see centred_features): where tokens collapse. In a
     # head within DYNAMIC_RANGE of d = 0 a collapse can only happen within a few offsets of d = 0 (each
     # token reaches d = 0, and a collapse needs its neighbours many nats lower), e.g. a token whose only

@@ -19,8 +19,10 @@ reference of :mod:`lra_dtn.dtn.reference`):
 
 * ``conv`` / ``fft``: the eager path of :mod:`lra_dtn.dtn.cpu` with its engine forced;
 * ``fused``: the Triton kernels of :mod:`lra_dtn.dtn.fused`, registered when triton is installed;
-* ``auto``: the fused path on CUDA tensors when it is registered, otherwise the eager path, which
-  picks its engine per call from the kernel's width.
+* ``native``: the C kernels of :mod:`lra_dtn.dtn.native` (CPU), built on first use with the system compiler;
+* ``auto``: ``fused`` on CUDA tensors when it is registered, ``native`` on CPU tensors (the eager path
+  where it cannot be built, or for the kernels it leaves to it), otherwise the eager path, which picks
+  its engine per call from the kernel's width.
 
 A path is ``fn(norm, x, mask) -> y``: it reads the parameters from ``norm``.
 """
@@ -44,11 +46,18 @@ PATHS.register("conv")(partial(cpu.normalize, method="conv"))
 PATHS.register("fft")(partial(cpu.normalize, method="fft"))
 
 
+#: Device type -> the path ``auto`` takes there, filled in by the modules that provide them: ``fused``
+#: (CUDA, when triton is installed) and ``native`` (CPU, C kernels built on first use, see
+#: :mod:`lra_dtn.dtn.native`). Anywhere else, the eager path.
+DEVICE_PATHS: dict[str, Callable[["DynamicTokenNorm", Tensor, Tensor | None], Tensor]] = {}
+
+
 @PATHS.register("auto")
 def auto(norm: "DynamicTokenNorm", x: Tensor, mask: Tensor | None) -> Tensor:
-    """The fused path for CUDA tensors when one is registered; otherwise the eager path's own choice."""
-    if x.is_cuda and "fused" in PATHS:
-        return PATHS.get("fused")(norm, x, mask)
+    """The device's own path from :data:`DEVICE_PATHS`; otherwise the eager path's own choice."""
+    path = DEVICE_PATHS.get(x.device.type)
+    if path is not None:
+        return path(norm, x, mask)
     return cpu.normalize(norm, x, mask, method="auto")
 
 
@@ -65,7 +74,7 @@ class DynamicTokenNorm(Norm):
         eps: under every square root (1e-5 as in the authors' code).
         method: a name in :data:`PATHS`: ``auto`` (the default), ``conv``, ``fft`` (which still
             convolves directly where FFT rounding could swamp some token's weights), ``fused`` (CUDA,
-            needs triton). All give the same numbers to float32 precision. 1-D prior only.
+            needs triton), ``native`` (CPU, needs a C compiler). All give the same numbers to float32 precision. 1-D prior only.
         grid: ``(rows, cols)`` of an image whose pixels are the last ``rows * cols`` tokens, in raster
             order: the 2-D prior (:mod:`lra_dtn.dtn.grid`; tokens before the grid, the CLS, take
             LayerNorm statistics alone). ``None``: a sequence, the 1-D prior.

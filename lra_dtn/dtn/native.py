@@ -1,0 +1,201 @@
+"""DTN's fused CPU path (``method="native"``, what ``auto`` takes on CPU): two C kernels in ``native.c``.
+
+Why: the eager path (:mod:`lra_dtn.dtn.cpu`) dispatches ~500 PyTorch ops per call. At the ``cpu``
+preset's ListOps shape (B=32, T=101, C=64, H=4) that is 7.7 ms per norm, forward + backward, against
+LayerNorm's 0.5 ms, and a training step twice LayerNorm's. ``native.c`` does the same arithmetic in a
+few passes over each sequence, in cache: one forward, one backward that recomputes the statistics
+(keeping, like LayerNorm, only the input), sequences in parallel on PyTorch's thread count.
+
+Built on first use with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``)
+into a cache folder (``$LRA_DTN_CACHE``, else ``$XDG_CACHE_HOME/lra_dtn`` or ``~/.cache/lra_dtn``), keyed
+by the source, the compiler and the CPU, and written atomically so concurrent processes (DDP ranks)
+never load a half-written library. It links the OpenMP runtime PyTorch has already loaded (same
+``libgomp.so.1``), so there is one thread pool, not two.
+
+What it serves: the plans that the eager path would convolve directly with no exact rows
+(:func:`lra_dtn.dtn.cpu.make_plan`): the kernel's support is a band of offsets every real token
+reaches. Far-peaked kernels (rows recomputed with their own shift) and kernels so wide that FFT wins go
+to the eager path; so does everything when no compiler is found (``auto`` warns once; ``native``
+asked for by name raises). The ``pos_proj`` gradient takes the same centred features as the eager path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lra_dtn.dtn import cpu
+from lra_dtn.dtn.module import DEVICE_PATHS, PATHS
+from lra_dtn.workdirs import atomic_file
+
+SOURCE = Path(__file__).with_name("native.c")
+#: Without OpenMP the pragmas are ignored and sequences run on one thread: the second choice.
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native", "-fopenmp-simd"], ["-O3"])
+#: ``-fno-math-errno``: ``sqrtf`` need not set ``errno`` (nothing reads it), which lets its loops vectorise;
+#: ``-ffp-contract=fast``: ``a += k * v`` as one fused multiply-add (ISO C mode would forbid it).
+COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast"]
+
+
+class NativeUnavailable(RuntimeError):
+    """The C kernels could not be built or loaded here (the message says why)."""
+
+
+class _Params(ctypes.Structure):
+    """``Params`` of ``native.c``, field for field."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("B", "T", "C", "H", "W", "dmin")],
+        *[(name, ctypes.c_void_p) for name in ("kernel", "centre", "gate_mean", "gate_var", "weight", "bias")],
+        ("eps", ctypes.c_float),
+        ("threads", ctypes.c_int),
+    ]
+
+
+def cache_dir() -> Path:
+    """Where built libraries live (see the module's docstring)."""
+    if "LRA_DTN_CACHE" in os.environ:
+        return Path(os.environ["LRA_DTN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lra_dtn"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded kernels, built on first use; raises :class:`NativeUnavailable` (every call) if they
+    cannot be."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise NativeUnavailable(f"the C compiler {compiler!r} does not run: {error}") from error
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_identity()]).encode()).hexdigest()
+        path = cache_dir() / f"dtn-{key[:20]}.so"
+        if not path.exists():
+            try:
+                with atomic_file(path, suffix=".so") as tmp:
+                    subprocess.run([compiler, *flags, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)],
+                                   capture_output=True, text=True, check=True)
+            except subprocess.CalledProcessError as error:
+                errors.append(f"{' '.join(flags)}: {error.stderr.strip()[-500:]}")
+                continue
+            except OSError as error:
+                raise NativeUnavailable(f"cannot write the DTN kernels to {path.parent}: {error} "
+                                        f"(set LRA_DTN_CACHE to a writable folder)") from error
+        lib = ctypes.CDLL(str(path))
+        for name in ("dtn_forward", "dtn_backward"):
+            getattr(lib, name).restype = ctypes.c_int
+        return lib
+    raise NativeUnavailable(f"{compiler} could not compile {SOURCE.name}:\n" + "\n".join(errors))
+
+
+def available() -> bool:
+    """Whether the kernels build and load here."""
+    try:
+        library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def _pointer(t: Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("DTN native kernels: a thread could not allocate its workspace")
+
+
+class _NativeFunction(torch.autograd.Function):
+    """Saves the input, the mask, the plan and per-token statistics (``(B, T, H + 2)``: each head's RMS
+    scale, LayerNorm's mean and variance), like LayerNorm its mean and rstd; backward recomputes the rest.
+    The parameter gradients come back from C finished (summed over the batch, through the sigmoid and
+    the kernel's logits), so a call is two C calls and a few allocations."""
+
+    @staticmethod
+    def forward(ctx, x, pos_weight, pos_bias, gate_mean, gate_var, weight, bias, mask, num_heads, eps, plan):
+        B, T, C = x.shape
+        f32 = torch.float32
+        params = [t.detach().to(f32).contiguous() for t in (gate_mean, gate_var, weight, bias)]
+        tables = [plan.kernel.contiguous(), plan.centre.contiguous()]  # float64, what C reads
+        with torch.autocast("cpu", enabled=False):
+            x32 = x.detach().to(f32).contiguous()
+            mask = None if mask is None else mask.contiguous()
+            arguments = _Params(B, T, C, num_heads, plan.width, plan.dmin,
+                                *[_pointer(t) for t in (*tables, *params)], eps, torch.get_num_threads())
+            y = torch.empty_like(x32)
+            stats = x32.new_empty(B, T, num_heads + 2)
+            _check(library().dtn_forward(ctypes.byref(arguments), _pointer(x32), _pointer(mask), _pointer(y),
+                                         _pointer(stats)))
+        ctx.save_for_backward(x32, stats, pos_bias, *params, *tables, *(() if mask is None else (mask,)))
+        ctx.arguments, ctx.x_dtype = arguments, x.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x32, stats, pos_bias, gate_mean, gate_var, weight, bias, _, _, *mask = ctx.saved_tensors
+        arguments = ctx.arguments
+        C, H = arguments.C, arguments.H
+        arguments.threads = torch.get_num_threads()
+        gy = grad_y.to(torch.float32).contiguous()
+        grad_x = torch.empty_like(x32)
+        grads = torch.empty(2 * C + 4 * H, dtype=torch.float64)
+        _check(library().dtn_backward(ctypes.byref(arguments), _pointer(x32), _pointer(mask[0] if mask else None),
+                                      _pointer(stats), _pointer(gy), _pointer(grad_x), _pointer(grads)))
+        g_weight, g_bias, g_gate_mean, g_gate_var, g_pos_weight = grads.split([C, C, H, H, 2 * H])
+        return (
+            grad_x.to(ctx.x_dtype), g_pos_weight.view(H, 2).to(pos_bias.dtype) if ctx.needs_input_grad[1] else None,
+            torch.zeros_like(pos_bias), g_gate_mean.to(gate_mean.dtype) if ctx.needs_input_grad[3] else None,
+            g_gate_var.to(gate_var.dtype), g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, None, None, None,
+        )
+
+
+def serves(plan: cpu.Plan, dtype: torch.dtype) -> bool:
+    """Whether the C kernels compute this plan (a band every real token reaches; no FFT) at this input
+    dtype (their float32; float64 inputs keep float64 statistics on the eager path)."""
+    return plan.method == "conv" and not plan.far and dtype != torch.float64
+
+
+def normalize(norm, x: Tensor, mask: Tensor | None, *, required: bool = False) -> Tensor:
+    """DTN of ``x`` (on CPU) with the parameters of ``norm``, in C where :func:`serves` the plan, otherwise
+    the eager path's choice. ``required``: raise :class:`NativeUnavailable` instead of warning and falling
+    back when the kernels cannot be built."""
+    if x.device.type != "cpu":
+        raise RuntimeError(f"DTN method 'native' runs on CPU tensors; got a {x.device.type} tensor")
+    try:
+        library()
+    except NativeUnavailable as error:
+        if required:
+            raise
+        warnings.warn(f"DTN's C kernels are unavailable, using the eager path: {error}", stacklevel=3)
+        return cpu.normalize(norm, x, mask, method="auto")
+    plan = cpu.make_plan(norm.pos_proj.weight, x.shape[1], "auto", torch.float32)
+    if not serves(plan, x.dtype):
+        return cpu.normalize(norm, x, mask, method="auto")
+    return _NativeFunction.apply(x, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var,
+                                 norm.weight, norm.bias, mask, norm.num_heads, norm.eps, plan)
+
+
+PATHS.register("native")(functools.partial(normalize, required=True))
+DEVICE_PATHS["cpu"] = normalize  # what ``auto`` takes for CPU tensors
