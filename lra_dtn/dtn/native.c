@@ -12,10 +12,10 @@
  *
  * Layout: x, y, grad_y, grad_x are (B, T, C) float32, contiguous; mask (B, T) bytes 0/1 or NULL (no
  * padding); head h owns channels h*D ... h*D + D - 1. Every inner loop runs over the C channels of one
- * token: per-head quantities come expanded per channel (`taps` is the kernel as a (W, C) table, the
- * gates and r are per channel, and the mask is a third row of values beside m xs and m xs^2, so the
- * softmax normaliser is one more banded sum), so that the compiler vectorises it; a loop that sums over
- * channels says so to the compiler (`omp simd reduction`, which lets it reorder that sum). Sequences run in parallel (OpenMP),
+ * token: per-head quantities come expanded per channel (`taps` is the kernel as a (W, C) table; the
+ * gates, r and 1 / normaliser are per channel), so that the compiler vectorises it; a loop that sums
+ * over channels says so to the compiler (`omp simd reduction`, which lets it reorder that sum). The
+ * softmax normalisers, per token and head, are banded sums of the mask alone, done per sequence. Sequences run in parallel (OpenMP),
  * each with its own workspace, and write their parameter gradients to their own row of `partials`, so the
  * result does not depend on the number of threads.
  */
@@ -23,6 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+
+/* The channels and heads are compile-time constants: native.py builds one library per (C, H) of the
+ * models it meets. Every loop over a token's channels or a head's then has a known trip count, which the
+ * compiler unrolls and vectorises whole (runtime counts cost remainder handling on every short loop,
+ * which was a third of the time at C = 64). */
+#if !defined(CHANNELS) || !defined(HEADS)
+#error "compile with -DCHANNELS=<C> -DHEADS=<H>"
+#endif
+enum { C = CHANNELS, H = HEADS, D = CHANNELS / HEADS };
 
 /* Normalisers below this belong to padded tokens no real token reaches (cpu.py's TINY). */
 #define TINY 1e-30f
@@ -41,23 +50,26 @@ typedef struct {
 /* The call's shape and its per-head quantities laid out per channel, built once per call (tables_for). */
 typedef struct {
     const Params *p;
-    int64_t B, T, C, H, D, W, dmin;
+    int64_t B, T, W, dmin;
     float eps;
     float *taps;                  /* (W, C): the kernel weight of each offset, per channel */
+    float *ktab;                  /* (W, H): the same, per head */
     float *lam_m, *lam_v;         /* (C): the gates after their sigmoid, per channel */
 } Shape;
 
-/* One sequence's buffers (pointers into the thread's block). Rows of three (T, 3, C) keep what a token's
+/* One sequence's buffers (pointers into the thread's block). Pairs of rows (T, 2, C) keep what a token's
  * band loops read behind one pointer (with more, they run out of general-purpose registers). */
 typedef struct {
-    float *v;                     /* (T, 3, C): the sources' values m xs, m xs^2 and m */
+    float *v;                     /* (T, 2, C): the sources' values m xs and m xs^2 */
     float *rs;                    /* (T, C): r per channel */
-    float *g_n;                   /* backward (T, 3, C): the gradients of the window sums of those values */
+    float *z;                     /* (T, H): softmax normalisers, sum k(d) m[t - d] */
+    float *g_n;                   /* backward (T, 2, C): the gradients of the window sums of v */
+    float *g_z;                   /* backward (T, H): the gradients of the normalisers */
     float *g_mu_ln, *g_var_ln;    /* backward: (T) */
     float *g_taps;                /* backward: (W, C) dL/dk per offset and channel, summed over tokens */
+    float *g_ktab;                /* backward: (W, H) the normalisers' share of dL/dk */
     float *acc;                   /* backward: (4, C) sums over tokens of the weight, bias, lam_m, lam_v gradients */
-    float *n;                     /* (3, C): one token's window sums */
-    float *s;                     /* (2, C): one source's adjoint sums */
+    float *n, *s;                 /* (2, C): one token's window sums, one source's adjoint sums */
     float *inv;                   /* (C): one token's 1 / normaliser */
 } Workspace;
 
@@ -87,30 +99,33 @@ static float *carve(float **at, size_t n) {  /* the next n floats of a block, 64
 
 /* Points ws into this thread's block; 0 when it could not be grown. */
 static int workspace_for(Workspace *ws, const Shape *s) {
-    const size_t T = s->T, C = s->C, W = s->W;
-    const size_t need = 7 * T * C + 2 * T + W * C + 10 * C + 11 * 16;
+    const size_t T = s->T, W = s->W;
+    const size_t need = 5 * T * C + 2 * T * H + 2 * T + W * C + W * H + 9 * C + 13 * 16;
     if (!grown(&block, &capacity, need)) return 0;
     float *at = block;
-    ws->v = carve(&at, 3 * T * C); ws->rs = carve(&at, T * C); ws->g_n = carve(&at, 3 * T * C);
-    ws->g_mu_ln = carve(&at, T); ws->g_var_ln = carve(&at, T); ws->g_taps = carve(&at, W * C);
-    ws->acc = carve(&at, 4 * C); ws->n = carve(&at, 3 * C); ws->s = carve(&at, 2 * C); ws->inv = carve(&at, C);
+    ws->v = carve(&at, 2 * T * C); ws->rs = carve(&at, T * C); ws->g_n = carve(&at, 2 * T * C);
+    ws->z = carve(&at, T * H); ws->g_z = carve(&at, T * H); ws->g_mu_ln = carve(&at, T); ws->g_var_ln = carve(&at, T);
+    ws->g_taps = carve(&at, W * C); ws->g_ktab = carve(&at, W * H); ws->acc = carve(&at, 4 * C);
+    ws->n = carve(&at, 2 * C); ws->s = carve(&at, 2 * C); ws->inv = carve(&at, C);
     return 1;
 }
 
 /* The call's Shape, its tables in the calling thread's memory (the other threads only read them);
- * 0 when they cannot be allocated. */
+ * 0 when they cannot be allocated or p is not of this library's shape. */
 static int tables_for(Shape *s, const Params *p) {
-    const int64_t C = p->C, H = p->H, D = C / H, W = p->W;
-    *s = (Shape){p, p->B, p->T, C, H, D, W, p->dmin, p->eps, NULL, NULL, NULL};
-    float *at = grown(&tables, &tables_capacity, W * C + 2 * C + 48);
+    const int64_t W = p->W;
+    if (p->C != C || p->H != H) return 0;  /* a library built for another shape: refuse, never misread */
+    *s = (Shape){p, p->B, p->T, W, p->dmin, p->eps, NULL, NULL, NULL, NULL};
+    float *at = grown(&tables, &tables_capacity, W * C + W * H + 2 * C + 64);
     if (!at) return 0;
-    s->taps = carve(&at, W * C); s->lam_m = carve(&at, C); s->lam_v = carve(&at, C);
+    s->taps = carve(&at, W * C); s->ktab = carve(&at, W * H); s->lam_m = carve(&at, C); s->lam_v = carve(&at, C);
     for (int64_t h = 0; h < H; ++h) {
         const float lam_m = 1.0f / (1.0f + expf(-p->gate_mean[h])), lam_v = 1.0f / (1.0f + expf(-p->gate_var[h]));
+        for (int64_t w = 0; w < W; ++w) s->ktab[w * H + h] = (float)p->kernel[h * W + w];
         for (int64_t c = h * D; c < (h + 1) * D; ++c) {
             s->lam_m[c] = lam_m;
             s->lam_v[c] = lam_v;
-            for (int64_t w = 0; w < W; ++w) s->taps[w * C + c] = (float)p->kernel[h * W + w];
+            for (int64_t w = 0; w < W; ++w) s->taps[w * C + c] = s->ktab[w * H + h];
         }
     }
     return 1;
@@ -118,118 +133,135 @@ static int tables_for(Shape *s, const Params *p) {
 
 /* A token's row of the statistics that forward saves for backward, (B, T, H + 2) in all: r of each
  * head, then LayerNorm's mean and (unbiased) variance; like LayerNorm's saved mean and rstd. */
-#define R(stats, t, H) ((stats) + (t) * ((H) + 2))
-#define MU_LN(stats, t, H) ((stats)[(t) * ((H) + 2) + (H)])
-#define VAR_LN(stats, t, H) ((stats)[(t) * ((H) + 2) + (H) + 1])
+#define R(stats, t) ((stats) + (t) * (H + 2))
+#define MU_LN(stats, t) ((stats)[(t) * (H + 2) + H])
+#define VAR_LN(stats, t) ((stats)[(t) * (H + 2) + H + 1])
+
+/* The offsets w whose source i = t - dmin - w (or output t = i + dmin + w, backwards = 0) lies in
+ * 0 ... T - 1, as [*lo, *hi]. */
+static void band(const Shape *s, int64_t t, int backwards, int64_t *lo, int64_t *hi) {
+    const int64_t T = s->T, W = s->W, dmin = s->dmin;
+    if (!backwards) {
+        *lo = t - dmin - (T - 1) > 0 ? t - dmin - (T - 1) : 0;
+        *hi = t - dmin < W - 1 ? t - dmin : W - 1;
+    } else {
+        *lo = -t - dmin > 0 ? -t - dmin : 0;
+        *hi = T - 1 - t - dmin < W - 1 ? T - 1 - t - dmin : W - 1;
+    }
+}
 
 /* Steps 1-2 of the spec for one sequence, into its stats: r = 1/sqrt(mean_head(x^2) + eps) per token and
  * head, and the LayerNorm mean and *unbiased* variance (the authors' torch.var default) of xs = r x over
  * all C channels (two passes: exact for tokens nearly constant across channels). */
 static void statistics(const Shape *s, const float *restrict x, float *restrict stats, Workspace *ws) {
-    const int64_t T = s->T, C = s->C, H = s->H, D = s->D;
     float *restrict xs = ws->n;  /* scratch, one token */
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < s->T; ++t) {
         const float *restrict xt = x + t * C;
-        float *restrict r = R(stats, t, H);
-        float total = 0.0f;
+        float *restrict r = R(stats, t);
+        float q[H], sum[H], total = 0.0f;
         for (int64_t h = 0; h < H; ++h) {
-            float q = 0.0f, sum = 0.0f;
-            #pragma omp simd reduction(+:q, sum)
+            float head_q = 0.0f, head_sum = 0.0f;
+            #pragma omp simd reduction(+:head_q, head_sum)
             for (int64_t c = h * D; c < (h + 1) * D; ++c) {
-                q += xt[c] * xt[c];
-                sum += xt[c];
+                head_q += xt[c] * xt[c];
+                head_sum += xt[c];
             }
-            r[h] = 1.0f / sqrtf(q / D + s->eps);
-            total += r[h] * sum;
+            q[h] = head_q;
+            sum[h] = head_sum;
         }
-        const float mean = total / C;
+        for (int64_t h = 0; h < H; ++h) r[h] = 1.0f / sqrtf(q[h] * (1.0f / D) + s->eps);  /* all heads at once */
+        for (int64_t h = 0; h < H; ++h) total += r[h] * sum[h];
+        const float mean = total * (1.0f / C);
         float dev = 0.0f;
         for (int64_t h = 0; h < H; ++h)
             for (int64_t c = h * D; c < (h + 1) * D; ++c) xs[c] = r[h] * xt[c] - mean;
         #pragma omp simd reduction(+:dev)
         for (int64_t c = 0; c < C; ++c) dev += xs[c] * xs[c];
-        MU_LN(stats, t, H) = mean;
-        VAR_LN(stats, t, H) = dev / (C - 1);
+        MU_LN(stats, t) = mean;
+        VAR_LN(stats, t) = dev * (1.0f / (C - 1));
     }
 }
 
-/* The sources' values m xs, m xs^2 and m of one sequence (a padded token is nobody's source), and r per
- * channel. */
+/* One sequence's sources: v = (m xs, m xs^2) (a padded token is nobody's source), r per channel, and
+ * the softmax normalisers z[t, h] = sum_w k[w, h] m[t - dmin - w]. */
 static void sources(const Shape *s, const float *restrict x, const uint8_t *restrict m, const float *stats,
                     Workspace *ws) {
-    const int64_t T = s->T, C = s->C, H = s->H, D = s->D;
+    const int64_t T = s->T;
     for (int64_t t = 0; t < T; ++t) {
-        const float *restrict xt = x + t * C, *restrict r = R(stats, t, H);
-        float *restrict v = ws->v + 3 * t * C, *restrict rs = ws->rs + t * C;
+        const float *restrict xt = x + t * C, *restrict r = R(stats, t);
+        float *restrict v = ws->v + 2 * t * C, *restrict rs = ws->rs + t * C;
         const float real = m ? (float)m[t] : 1.0f;
         for (int64_t h = 0; h < H; ++h)
             for (int64_t c = h * D; c < (h + 1) * D; ++c) rs[c] = r[h];
         for (int64_t c = 0; c < C; ++c) {
             v[c] = real * rs[c] * xt[c];
             v[C + c] = v[c] * v[c];
-            v[2 * C + c] = real;
         }
+        float z[H] = {0};
+        int64_t lo, hi;
+        band(s, t, 0, &lo, &hi);
+        for (int64_t w = lo; w <= hi; ++w) {
+            const float source = m ? (float)m[t - s->dmin - w] : 1.0f;
+            for (int64_t h = 0; h < H; ++h) z[h] += s->ktab[w * H + h] * source;
+        }
+        for (int64_t h = 0; h < H; ++h) ws->z[t * H + h] = z[h];
     }
 }
 
 /* Channels per block of the banded sums: one block's accumulators stay in vector registers while the
- * loop runs over the band. The forward sums keep three per channel (32 floats: two AVX-512 registers
- * each, six independent chains of multiply-adds), the adjoint two and a table row it updates (16 floats
+ * loop runs over the band. The forward sums keep two per channel (32 floats: two AVX-512 registers
+ * each, four independent chains of multiply-adds), the adjoint two and a table row it updates (16 floats
  * measured faster there). */
 #define LANES 32
 #define ADJOINT_LANES 16
 
-/* Over `count` offsets w, channels l < width (at most LANES): out[j C + l] = sum_w k[w C + l] v_w[j C + l]
- * for the three values j of the sources, which go backwards from v one row of three per offset. Always
- * inlined, so that width = LANES is a constant and the loop over l becomes vector instructions. */
+/* Over `count` offsets w, channels l < width (at most LANES): out[l] = sum_w k[w C + l] v_w[l] and
+ * out[C + l] = sum_w k[w C + l] v_w[C + l], for the sources going backwards from v one pair of rows per
+ * offset. Always inlined, so that width = LANES is a constant and the loop over l becomes vector
+ * instructions. */
 static inline __attribute__((always_inline)) void band_block(
-        int64_t width, int64_t count, const float *restrict k, const float *restrict v, int64_t C,
-        float *restrict out) {
-    float acc1[LANES] = {0}, acc2[LANES] = {0}, acc3[LANES] = {0};
+        int64_t width, int64_t count, const float *restrict k, const float *restrict v, float *restrict out) {
+    float acc1[LANES] = {0}, acc2[LANES] = {0};
     for (int64_t w = 0; w < count; ++w)
         for (int64_t l = 0; l < width; ++l) {
-            const float kw = k[w * C + l];
-            acc1[l] += kw * v[-3 * w * C + l];
-            acc2[l] += kw * v[-3 * w * C + C + l];
-            acc3[l] += kw * v[-3 * w * C + 2 * C + l];
+            acc1[l] += k[w * C + l] * v[-2 * w * C + l];
+            acc2[l] += k[w * C + l] * v[-2 * w * C + C + l];
         }
     for (int64_t l = 0; l < width; ++l) {
         out[l] = acc1[l];
         out[C + l] = acc2[l];
-        out[2 * C + l] = acc3[l];
     }
 }
 
 /* Step 3's sums for output token t over its sources i = t - d, per channel: ws->n = (sum k(d) m xs,
- * sum k(d) m xs^2, sum k(d) m), the last the softmax normaliser, and ws->inv its reciprocal, 0 for a
- * padded token or one no source reaches: its inter-token statistics are 0 (cpu.py alike). */
+ * sum k(d) m xs^2), and ws->inv = 1 / z, 0 for a padded token or one no source reaches: its inter-token
+ * statistics are 0 (cpu.py alike). */
 static void window_sums(const Shape *s, const uint8_t *restrict m, Workspace *ws, int64_t t) {
-    const int64_t T = s->T, C = s->C, W = s->W, dmin = s->dmin;
-    const int64_t lo = t - dmin - (T - 1) > 0 ? t - dmin - (T - 1) : 0;  /* the source i = t - dmin - w */
-    const int64_t hi = t - dmin < W - 1 ? t - dmin : W - 1;             /* must lie in 0 ... T - 1 */
-    const float *k = s->taps + lo * C, *v = ws->v + 3 * (t - dmin - lo) * C;  /* offset lo and its source */
+    int64_t lo, hi;
+    band(s, t, 0, &lo, &hi);
+    const float *k = s->taps + lo * C, *v = ws->v + 2 * (t - s->dmin - lo) * C;  /* offset lo and its source */
     int64_t c0 = 0;
-    for (; c0 + LANES <= C; c0 += LANES) band_block(LANES, hi - lo + 1, k + c0, v + c0, C, ws->n + c0);
-    if (c0 < C) band_block(C - c0, hi - lo + 1, k + c0, v + c0, C, ws->n + c0);
-    const float reached = (!m || m[t]) ? 1.0f : 0.0f;
-    const float *restrict z = ws->n + 2 * C;
-    float *restrict inv = ws->inv;
-    for (int64_t c = 0; c < C; ++c) inv[c] = z[c] > TINY ? reached / z[c] : 0.0f;
+    for (; c0 + LANES <= C; c0 += LANES) band_block(LANES, hi - lo + 1, k + c0, v + c0, ws->n + c0);
+    if (c0 < C) band_block(C - c0, hi - lo + 1, k + c0, v + c0, ws->n + c0);
+    const int reached = !m || m[t];
+    for (int64_t h = 0; h < H; ++h) {
+        const float z = ws->z[t * H + h], inv = (reached && z > TINY) ? 1.0f / z : 0.0f;
+        for (int64_t c = h * D; c < (h + 1) * D; ++c) ws->inv[c] = inv;
+    }
 }
 
 /* Steps 1-5 for one sequence; its statistics go to stats for backward. */
 static void forward_sequence(const Shape *s, const float *restrict x, const uint8_t *restrict m,
                              float *restrict y, float *restrict stats, Workspace *ws) {
-    const int64_t T = s->T, C = s->C, H = s->H;
     const float *restrict lam_m = s->lam_m, *restrict lam_v = s->lam_v;
     const float *restrict weight = s->p->weight, *restrict bias = s->p->bias;
     statistics(s, x, stats, ws);
     sources(s, x, m, stats, ws);
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < s->T; ++t) {
         window_sums(s, m, ws, t);
         const float *restrict n1 = ws->n, *restrict n2 = ws->n + C, *restrict inv = ws->inv;
         const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C;
-        const float mu_ln = MU_LN(stats, t, H), var_ln = VAR_LN(stats, t, H);
+        const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
         float *restrict yt = y + t * C;
         for (int64_t c = 0; c < C; ++c) {
             const float mu_in = n1[c] * inv[c], second = n2[c] * inv[c];
@@ -242,25 +274,24 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
     }
 }
 
-/* Backward's pass 2 for one source and channels l < width (at most ADJOINT_LANES), over `count` offsets w, the
- * outputs going forwards from g one row of three per offset (the gradients a, b, c of their window
+/* Backward's pass 2 for one source and channels l < width (at most ADJOINT_LANES), over `count` offsets
+ * w, the outputs going forwards from g one pair of rows per offset (the gradients a, b of their window
  * sums): the adjoint sums out = (sum_w k a_w, sum_w k b_w), and dL/dk per offset and channel,
- * g_k[w C + l] += a_w v1 + b_w v2 + c_w m (v: the source's row of three). Inlined like band_block. */
+ * g_k[w C + l] += a_w v1 + b_w v2 (v: the source's pair of rows). Inlined like band_block. */
 static inline __attribute__((always_inline)) void adjoint_block(
         int64_t width, int64_t count, const float *restrict k, const float *restrict g, const float *restrict v,
-        int64_t C, float *restrict out, float *restrict g_k) {
-    float acc1[ADJOINT_LANES] = {0}, acc2[ADJOINT_LANES] = {0}, v1[ADJOINT_LANES], v2[ADJOINT_LANES], v3[ADJOINT_LANES];
+        float *restrict out, float *restrict g_k) {
+    float acc1[ADJOINT_LANES] = {0}, acc2[ADJOINT_LANES] = {0}, v1[ADJOINT_LANES], v2[ADJOINT_LANES];
     for (int64_t l = 0; l < width; ++l) {
         v1[l] = v[l];
         v2[l] = v[C + l];
-        v3[l] = v[2 * C + l];
     }
     for (int64_t w = 0; w < count; ++w)
         for (int64_t l = 0; l < width; ++l) {
-            const float a = g[3 * w * C + l], b = g[3 * w * C + C + l], z = g[3 * w * C + 2 * C + l];
+            const float a = g[2 * w * C + l], b = g[2 * w * C + C + l];
             acc1[l] += k[w * C + l] * a;
             acc2[l] += k[w * C + l] * b;
-            g_k[w * C + l] += a * v1[l] + b * v2[l] + z * v3[l];
+            g_k[w * C + l] += a * v1[l] + b * v2[l];
         }
     for (int64_t l = 0; l < width; ++l) {
         out[l] = acc1[l];
@@ -273,23 +304,25 @@ static inline __attribute__((always_inline)) void adjoint_block(
 static void backward_sequence(const Shape *s, const float *restrict x, const uint8_t *restrict m,
                               const float *restrict stats, const float *restrict gy, float *restrict gx,
                               double *partial, Workspace *ws) {
-    const int64_t T = s->T, C = s->C, H = s->H, D = s->D, W = s->W, dmin = s->dmin;
+    const int64_t T = s->T, W = s->W, dmin = s->dmin;
     const float *restrict lam_m = s->lam_m, *restrict lam_v = s->lam_v, *restrict weight = s->p->weight;
     float *restrict g_weight = ws->acc, *restrict g_bias = ws->acc + C;
     float *restrict g_lm = ws->acc + 2 * C, *restrict g_lv = ws->acc + 3 * C;
     memset(ws->acc, 0, sizeof(float) * 4 * C);
     memset(ws->g_taps, 0, sizeof(float) * W * C);
+    memset(ws->g_ktab, 0, sizeof(float) * W * H);
     sources(s, x, m, stats, ws);
 
     /* Pass 1, per output token t: recompute its statistics; keep in gx the gradient that reaches xs
-     * directly, G = gy w rstd, and in g_n those of the window sums (mu_in = n1 / z, E[xs^2] = n2 / z);
-     * the LayerNorm statistics' gradients are per-token scalars. */
+     * directly, G = gy w rstd, and in g_n, g_z those of the window sums (mu_in = n1 / z,
+     * E[xs^2] = n2 / z); the LayerNorm statistics' gradients are per-token scalars. */
     for (int64_t t = 0; t < T; ++t) {
         window_sums(s, m, ws, t);
         const float *restrict n1 = ws->n, *restrict n2 = ws->n + C, *restrict inv = ws->inv;
         const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C, *restrict gyt = gy + t * C;
-        const float mu_ln = MU_LN(stats, t, H), var_ln = VAR_LN(stats, t, H);
-        float *restrict g = gx + t * C, *restrict a = ws->g_n + 3 * t * C, *restrict b = a + C, *restrict z = a + 2 * C;
+        const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
+        float *restrict g = gx + t * C, *restrict a = ws->g_n + 2 * t * C, *restrict b = a + C;
+        float *restrict g_z = ws->s;  /* per channel, summed per head below */
         float g_mu_ln = 0.0f, g_var_ln = 0.0f;
         #pragma omp simd reduction(+:g_mu_ln, g_var_ln)
         for (int64_t c = 0; c < C; ++c) {
@@ -312,7 +345,13 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
             const float g_mu_in = -(1.0f - lam_m[c]) * direct - 2.0f * mu_in * g_second;
             a[c] = g_mu_in * inv[c];
             b[c] = g_second * inv[c];
-            z[c] = -(a[c] * mu_in + b[c] * second);  /* per channel: the head's z is each channel's */
+            g_z[c] = -(a[c] * mu_in + b[c] * second);
+        }
+        for (int64_t h = 0; h < H; ++h) {
+            float sum = 0.0f;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t c = h * D; c < (h + 1) * D; ++c) sum += g_z[c];
+            ws->g_z[t * H + h] = sum;
         }
         ws->g_mu_ln[t] = g_mu_ln;
         ws->g_var_ln[t] = g_var_ln;
@@ -322,18 +361,21 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
      * outputs t = i + d), and each pair (t, i) adds its share to dL/dk(d); then back through
      * v1 = m xs, v2 = m xs^2, the LayerNorm statistics and the RMS pre-scaling to x. */
     for (int64_t i = 0; i < T; ++i) {
-        const float real = m ? (float)m[i] : 1.0f, mu_ln = MU_LN(stats, i, H);
-        const float g_mean = ws->g_mu_ln[i] / C, g_dev = 2.0f * ws->g_var_ln[i] / (C - 1);
-        const int64_t lo = -i - dmin > 0 ? -i - dmin : 0;                         /* the output t = i + dmin + w */
-        const int64_t hi = T - 1 - i - dmin < W - 1 ? T - 1 - i - dmin : W - 1;  /* must lie in 0 ... T - 1 */
-        const float *k = s->taps + lo * C, *g_n = ws->g_n + 3 * (i + dmin + lo) * C, *v = ws->v + 3 * i * C;
+        const float real = m ? (float)m[i] : 1.0f, mu_ln = MU_LN(stats, i);
+        const float g_mean = ws->g_mu_ln[i] * (1.0f / C), g_dev = ws->g_var_ln[i] * (2.0f / (C - 1));
+        int64_t lo, hi;
+        band(s, i, 1, &lo, &hi);
+        const float *k = s->taps + lo * C, *g_n = ws->g_n + 2 * (i + dmin + lo) * C, *v = ws->v + 2 * i * C;
         float *g_k = ws->g_taps + lo * C;
         int64_t c0 = 0;
         for (; c0 + ADJOINT_LANES <= C; c0 += ADJOINT_LANES)
-            adjoint_block(ADJOINT_LANES, hi - lo + 1, k + c0, g_n + c0, v + c0, C, ws->s + c0, g_k + c0);
+            adjoint_block(ADJOINT_LANES, hi - lo + 1, k + c0, g_n + c0, v + c0, ws->s + c0, g_k + c0);
         if (c0 < C)
-            adjoint_block(C - c0, hi - lo + 1, k + c0, g_n + c0, v + c0, C, ws->s + c0, g_k + c0);
-        const float *restrict s1 = ws->s, *restrict s2 = ws->s + C, *restrict xi = x + i * C, *restrict r = R(stats, i, H);
+            adjoint_block(C - c0, hi - lo + 1, k + c0, g_n + c0, v + c0, ws->s + c0, g_k + c0);
+        if (real != 0.0f)  /* the normalisers' share: z[t] = sum_w k m[t - dmin - w] */
+            for (int64_t w = lo; w <= hi; ++w)
+                for (int64_t h = 0; h < H; ++h) ws->g_ktab[w * H + h] += ws->g_z[(i + dmin + w) * H + h];
+        const float *restrict s1 = ws->s, *restrict s2 = ws->s + C, *restrict xi = x + i * C, *restrict r = R(stats, i);
         float *restrict g = gx + i * C;
         for (int64_t h = 0; h < H; ++h) {
             float along = 0.0f;  /* sum over the head of dL/dxs * x: the gradient of r */
@@ -343,7 +385,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
                 g[c] += real * (s1[c] + 2.0f * xs * s2[c]) + g_mean + g_dev * (xs - mu_ln);
                 along += g[c] * xi[c];
             }
-            const float shrink = r[h] * r[h] * r[h] / D * along;  /* dr/dx = -r^3 x / D */
+            const float shrink = r[h] * r[h] * r[h] * (1.0f / D) * along;  /* dr/dx = -r^3 x / D */
             for (int64_t c = h * D; c < (h + 1) * D; ++c) g[c] = r[h] * g[c] - shrink * xi[c];
         }
     }
@@ -358,14 +400,14 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
     }
     for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
-            double sum = 0.0;
+            double sum = ws->g_ktab[w * H + h];
             for (int64_t c = h * D; c < (h + 1) * D; ++c) sum += ws->g_taps[w * C + c];
             g_kernel[h * W + w] += sum;
         }
 }
 
-/* Entry points. Each returns 0, or -1 when memory for the tables or a thread's workspace could not be
- * allocated. */
+/* Entry points. Each returns 0, or -1 when p's shape is not this library's or memory for the tables or a
+ * thread's workspace could not be allocated. */
 
 /* y: (B, T, C); stats: (B, T, H + 2), what backward reads. */
 int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, float *stats) {
@@ -380,8 +422,8 @@ int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, 
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < s->B; ++b) {
             if (ready)
-                forward_sequence(s, x + b * s->T * s->C, mask ? mask + b * s->T : NULL, y + b * s->T * s->C,
-                                 stats + b * s->T * (s->H + 2), &ws);
+                forward_sequence(s, x + b * s->T * C, mask ? mask + b * s->T : NULL, y + b * s->T * C,
+                                 stats + b * s->T * (H + 2), &ws);
             else
                 failed = 1;
         }
@@ -398,7 +440,7 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
     Shape shape;
     if (!tables_for(&shape, p)) return -1;
     const Shape *s = &shape;
-    const int64_t C = s->C, H = s->H, W = s->W, stride = 2 * C + 2 * H + H * W;
+    const int64_t W = s->W, stride = 2 * C + 2 * H + H * W;
     double *partials = calloc((size_t)(s->B * stride), sizeof(double));
     if (!partials) return -1;
     int failed = 0;
@@ -420,7 +462,7 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
         for (int64_t j = 0; j < stride; ++j) partials[j] += partials[b * stride + j];
     memcpy(grads, partials, sizeof(double) * 2 * C);  /* weight, bias */
     for (int64_t h = 0; h < H; ++h) {
-        const double lam_m = s->lam_m[h * s->D], lam_v = s->lam_v[h * s->D];  /* d sigmoid = lam (1 - lam) */
+        const double lam_m = s->lam_m[h * D], lam_v = s->lam_v[h * D];  /* d sigmoid = lam (1 - lam) */
         grads[2 * C + h] = partials[2 * C + h] * lam_m * (1.0 - lam_m);
         grads[2 * C + H + h] = partials[2 * C + H + h] * lam_v * (1.0 - lam_v);
         double g_w1 = 0.0, g_w2 = 0.0;

@@ -6,9 +6,10 @@ LayerNorm's 0.5 ms, and a training step twice LayerNorm's. ``native.c`` does the
 few passes over each sequence, in cache: one forward, one backward that recomputes the statistics
 (keeping, like LayerNorm, only the input), sequences in parallel on PyTorch's thread count.
 
-Built on first use with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``)
-into a cache folder (``$LRA_DTN_CACHE``, else ``$XDG_CACHE_HOME/lra_dtn`` or ``~/.cache/lra_dtn``), keyed
-by the source, the compiler and the CPU, and written atomically so concurrent processes (DDP ranks)
+Built on first use with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``), one
+library per channel count and head count (compile-time constants there: every loop over a token's
+channels has a known length), into a cache folder (``$LRA_DTN_CACHE``, else ``$XDG_CACHE_HOME/lra_dtn``
+or ``~/.cache/lra_dtn``), keyed by the source, the shape, the compiler and the CPU, and written atomically so concurrent processes (DDP ranks)
 never load a half-written library. It links the OpenMP runtime PyTorch has already loaded (same
 ``libgomp.so.1``), so there is one thread pool, not two.
 
@@ -77,9 +78,9 @@ def _cpu_identity() -> str:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The loaded kernels, built on first use; raises :class:`NativeUnavailable` (every call) if they
-    cannot be."""
+def library(channels: int, heads: int) -> ctypes.CDLL:
+    """The kernels for ``channels`` and ``heads`` (compile-time constants of ``native.c``: one library per
+    shape), built on first use; raises :class:`NativeUnavailable` (every call) if they cannot be."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
@@ -87,14 +88,15 @@ def library() -> ctypes.CDLL:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise NativeUnavailable(f"the C compiler {compiler!r} does not run: {error}") from error
+    shape = [f"-DCHANNELS={channels}", f"-DHEADS={heads}"]
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_identity()]).encode()).hexdigest()
-        path = cache_dir() / f"dtn-{key[:20]}.so"
+        path = cache_dir() / f"dtn-c{channels}-h{heads}-{key[:20]}.so"
         if not path.exists():
             try:
                 with atomic_file(path, suffix=".so") as tmp:
-                    subprocess.run([compiler, *flags, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)],
+                    subprocess.run([compiler, *flags, *shape, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)],
                                    capture_output=True, text=True, check=True)
             except subprocess.CalledProcessError as error:
                 errors.append(f"{' '.join(flags)}: {error.stderr.strip()[-500:]}")
@@ -109,10 +111,10 @@ def library() -> ctypes.CDLL:
     raise NativeUnavailable(f"{compiler} could not compile {SOURCE.name}:\n" + "\n".join(errors))
 
 
-def available() -> bool:
-    """Whether the kernels build and load here."""
+def available(channels: int = 2, heads: int = 1) -> bool:
+    """Whether the kernels build and load here (for this shape)."""
     try:
-        library()
+        library(channels, heads)
     except NativeUnavailable:
         return False
     return True
@@ -124,7 +126,7 @@ def _pointer(t: Tensor | None) -> ctypes.c_void_p | None:
 
 def _check(status: int) -> None:
     if status != 0:
-        raise MemoryError("DTN native kernels: a thread could not allocate its workspace")
+        raise MemoryError("DTN native kernels: out of memory for the tables or a thread's workspace")
 
 
 class _NativeFunction(torch.autograd.Function):
@@ -146,7 +148,7 @@ class _NativeFunction(torch.autograd.Function):
                                 *[_pointer(t) for t in (*tables, *params)], eps, torch.get_num_threads())
             y = torch.empty_like(x32)
             stats = x32.new_empty(B, T, num_heads + 2)
-            _check(library().dtn_forward(ctypes.byref(arguments), _pointer(x32), _pointer(mask), _pointer(y),
+            _check(library(C, num_heads).dtn_forward(ctypes.byref(arguments), _pointer(x32), _pointer(mask), _pointer(y),
                                          _pointer(stats)))
         ctx.save_for_backward(x32, stats, pos_bias, *params, *tables, *(() if mask is None else (mask,)))
         ctx.arguments, ctx.x_dtype = arguments, x.dtype
@@ -161,7 +163,7 @@ class _NativeFunction(torch.autograd.Function):
         gy = grad_y.to(torch.float32).contiguous()
         grad_x = torch.empty_like(x32)
         grads = torch.empty(2 * C + 4 * H, dtype=torch.float64)
-        _check(library().dtn_backward(ctypes.byref(arguments), _pointer(x32), _pointer(mask[0] if mask else None),
+        _check(library(C, H).dtn_backward(ctypes.byref(arguments), _pointer(x32), _pointer(mask[0] if mask else None),
                                       _pointer(stats), _pointer(gy), _pointer(grad_x), _pointer(grads)))
         g_weight, g_bias, g_gate_mean, g_gate_var, g_pos_weight = grads.split([C, C, H, H, 2 * H])
         return (
@@ -171,10 +173,19 @@ class _NativeFunction(torch.autograd.Function):
         )
 
 
-def serves(plan: cpu.Plan, dtype: torch.dtype) -> bool:
-    """Whether the C kernels compute this plan (a band every real token reaches; no FFT) at this input
-    dtype (their float32; float64 inputs keep float64 statistics on the eager path)."""
-    return plan.method == "conv" and not plan.far and dtype != torch.float64
+#: Widest kernel the C kernels take, as offsets x channels: their backward updates a (W, C) table of the
+#: kernel's gradient for every source, which stays in the L1/L2 caches up to about this size. Measured on
+#: 2 cores (AMD EPYC, T = 2048), native / eager time of forward + backward: 0.42-0.43 at the local init
+#: (15 offsets) for C = 64 and 256; equal at about 200 offsets for C = 64, 130 for C = 128, 60 for
+#: C = 256 and 35 for C = 512; wider kernels go to the eager depthwise convolution.
+MAX_TABLE = 12288
+
+
+def serves(plan: cpu.Plan, dtype: torch.dtype, channels: int) -> bool:
+    """Whether the C kernels compute this plan: a band every real token reaches (no exact rows, no FFT),
+    at most :data:`MAX_TABLE` offsets x channels, and a float32/bf16/fp16 input (float64 inputs keep
+    float64 statistics on the eager path)."""
+    return plan.method == "conv" and not plan.far and plan.width * channels <= MAX_TABLE and dtype != torch.float64
 
 
 def normalize(norm, x: Tensor, mask: Tensor | None, *, required: bool = False) -> Tensor:
@@ -184,14 +195,14 @@ def normalize(norm, x: Tensor, mask: Tensor | None, *, required: bool = False) -
     if x.device.type != "cpu":
         raise RuntimeError(f"DTN method 'native' runs on CPU tensors; got a {x.device.type} tensor")
     try:
-        library()
+        library(x.shape[-1], norm.num_heads)
     except NativeUnavailable as error:
         if required:
             raise
         warnings.warn(f"DTN's C kernels are unavailable, using the eager path: {error}", stacklevel=3)
         return cpu.normalize(norm, x, mask, method="auto")
     plan = cpu.make_plan(norm.pos_proj.weight, x.shape[1], "auto", torch.float32)
-    if not serves(plan, x.dtype):
+    if not serves(plan, x.dtype, x.shape[-1]):
         return cpu.normalize(norm, x, mask, method="auto")
     return _NativeFunction.apply(x, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var,
                                  norm.weight, norm.bias, mask, norm.num_heads, norm.eps, plan)
