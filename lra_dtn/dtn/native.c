@@ -12,10 +12,18 @@
  *
  * Layout: x, y, grad_y, grad_x are (B, T, C) float32, contiguous; mask (B, T) bytes 0/1 or NULL (no
  * padding); head h owns channels h*D ... h*D + D - 1. Every inner loop runs over the C channels of one
- * token: per-head quantities come expanded per channel (`taps` is the kernel as a (W, C) table; the
- * gates, r and 1 / normaliser are per channel), so that the compiler vectorises it; a loop that sums
- * over channels says so to the compiler (`omp simd reduction`, which lets it reorder that sum). The
- * softmax normalisers, per token and head, are banded sums of the mask alone, done per sequence. Sequences run in parallel (OpenMP),
+ * token, so that the compiler vectorises it: per-head quantities come expanded per channel (the gates,
+ * r, 1 / normaliser); a loop that sums over channels says so to the compiler (`omp simd reduction`,
+ * which lets it reorder that sum). The softmax normalisers, per token and head, are banded sums of the
+ * mask alone.
+ *
+ * The banded sums over the kernel's W offsets (forward: each output's sources; backward: each
+ * source's outputs, and the kernel's gradient) run blocked: for a block of SUB channels and WB offsets,
+ * the WB kernel weights and WB accumulators of the kernel's gradient stay in vector registers while one
+ * sweep runs over the tokens, reading each token's rows once. Rows outside the sequence are zero halos,
+ * so every sweep has the same WB offsets and no bounds inside the loop. Memory traffic per token then
+ * grows with W / WB, not with W (a (W, C) table read and written per token and offset was the cost of a
+ * wide kernel). Sequences run in parallel (OpenMP),
  * each with its own workspace, and write their parameter gradients to their own row of `partials`, so the
  * result does not depend on the number of threads.
  */
@@ -47,30 +55,63 @@ typedef struct {
     int threads;
 } Params;
 
-/* The call's shape and its per-head quantities laid out per channel, built once per call (tables_for). */
+/* Channels and offsets per block of the banded sums (see the top): with AVX-512, 32 vector registers
+ * hold 8 weights, 8 gradient accumulators and the operands of 16 channels; with 16 registers (AVX2),
+ * 4 of each for 8 channels. */
+#ifdef __AVX512F__
+#define SUB 16
+#define WB 8
+#else
+#define SUB 8
+#define WB 4
+#endif
+
+/* Tokens per sweep of a blocked loop: the rows one sweep touches (TILE and the band's halo, SUB channels
+ * of each) stay in the L1/L2 caches whatever the sequence's length and width. */
+#define TILE 64
+
+/* The rows the banded sums read and write hold CP >= C channels, whole blocks of SUB, the extra ones
+ * zero: no block is ever partial. */
+enum { CP = (C + SUB - 1) / SUB * SUB };
+
+/* Floats from one token's pair of rows to the next: 2 CP and one block more, so that successive rows
+ * are not a power of two apart (at C = 512, 4 KiB apart, a sweep's rows all fell into the same L1 set). */
+enum { ROW = 2 * CP + SUB };
+
+/* SUB channels as one vector value (the GCC/Clang vector extension), readable and writable at any
+ * float's address (`may_alias`, alignment 4): the operands the blocked loops keep in registers. */
+typedef float lanes __attribute__((vector_size(SUB * sizeof(float)), may_alias, aligned(4)));
+#define AT(p) (*(lanes *)(p))
+
+/* The call's shape and its per-head quantities laid out for the loops, built once per call (tables_for). */
 typedef struct {
     const Params *p;
     int64_t B, T, W, dmin;
+    int64_t blocks;               /* W rounded up to whole blocks of WB offsets, over WB */
+    int64_t halo;                 /* zero rows on either side of a sequence's rows: blocks * WB + |dmin| */
     float eps;
-    float *taps;                  /* (W, C): the kernel weight of each offset, per channel */
+    float *taps;                  /* (blocks * WB, CP): the kernel weight of each offset per channel, 0 past W */
     float *ktab;                  /* (W, H): the same, per head */
     float *lam_m, *lam_v;         /* (C): the gates after their sigmoid, per channel */
 } Shape;
 
-/* One sequence's buffers (pointers into the thread's block). Pairs of rows (T, 2, C) keep what a token's
- * band loops read behind one pointer (with more, they run out of general-purpose registers). */
+/* One sequence's buffers (pointers into the thread's block). The banded sums' rows are pairs of CP
+ * channels, ROW floats apart; v and g_n have `halo` zero rows before and after the T real ones, where a band reads past the
+ * sequence. */
 typedef struct {
-    float *v;                     /* (T, 2, C): the sources' values m xs and m xs^2 */
+    float *v;                     /* (halo + T + halo rows): the sources' values m xs and m xs^2 */
+    float *n;                     /* (T rows): the window sums of v: sum_d k(d) v[t - d] */
     float *rs;                    /* (T, C): r per channel */
-    float *z;                     /* (T, H): softmax normalisers, sum k(d) m[t - d] */
-    float *g_n;                   /* backward (T, 2, C): the gradients of the window sums of v */
+    float *z;                     /* (T, H): softmax normalisers, sum_d k(d) m[t - d] */
+    float *g_n;                   /* backward (halo + T + halo rows): the gradients of n */
+    float *adj;                   /* backward (T rows): the adjoint sums sum_d k(d) g_n[i + d] */
     float *g_z;                   /* backward (T, H): the gradients of the normalisers */
     float *g_mu_ln, *g_var_ln;    /* backward: (T) */
-    float *g_taps;                /* backward: (W, C) dL/dk per offset and channel, summed over tokens */
+    float *g_taps;                /* backward: (blocks * WB, CP) dL/dk per offset and channel */
     float *g_ktab;                /* backward: (W, H) the normalisers' share of dL/dk */
     float *acc;                   /* backward: (4, C) sums over tokens of the weight, bias, lam_m, lam_v gradients */
-    float *n, *s;                 /* (2, C): one token's window sums, one source's adjoint sums */
     float *inv;                   /* (C): one token's 1 / normaliser */
+    float *scratch;               /* (C) */
 } Workspace;
 
 /* Each thread's memory, kept from call to call and grown when a call needs more: a fresh block of
@@ -99,33 +140,49 @@ static float *carve(float **at, size_t n) {  /* the next n floats of a block, 64
 
 /* Points ws into this thread's block; 0 when it could not be grown. */
 static int workspace_for(Workspace *ws, const Shape *s) {
-    const size_t T = s->T, W = s->W;
-    const size_t need = 5 * T * C + 2 * T * H + 2 * T + W * C + W * H + 9 * C + 13 * 16;
+    const size_t T = s->T, W = s->W, rows = T + 2 * s->halo, padded = s->blocks * WB;
+    const size_t need = 2 * rows * ROW + 2 * T * ROW + T * C + 2 * T * H + 2 * T + padded * CP + W * H + 6 * C + 14 * 16;
     if (!grown(&block, &capacity, need)) return 0;
     float *at = block;
-    ws->v = carve(&at, 2 * T * C); ws->rs = carve(&at, T * C); ws->g_n = carve(&at, 2 * T * C);
+    ws->v = carve(&at, rows * ROW) + s->halo * ROW; ws->g_n = carve(&at, rows * ROW) + s->halo * ROW;
+    ws->n = carve(&at, T * ROW); ws->adj = carve(&at, T * ROW); ws->rs = carve(&at, T * C);
     ws->z = carve(&at, T * H); ws->g_z = carve(&at, T * H); ws->g_mu_ln = carve(&at, T); ws->g_var_ln = carve(&at, T);
-    ws->g_taps = carve(&at, W * C); ws->g_ktab = carve(&at, W * H); ws->acc = carve(&at, 4 * C);
-    ws->n = carve(&at, 2 * C); ws->s = carve(&at, 2 * C); ws->inv = carve(&at, C);
+    ws->g_taps = carve(&at, padded * CP); ws->g_ktab = carve(&at, W * H); ws->acc = carve(&at, 4 * C);
+    ws->inv = carve(&at, C); ws->scratch = carve(&at, C);
+    const size_t halo = sizeof(float) * s->halo * ROW;
+    memset(ws->v - s->halo * ROW, 0, halo);
+    memset(ws->v + T * ROW, 0, halo);
+    memset(ws->g_n - s->halo * ROW, 0, halo);
+    memset(ws->g_n + T * ROW, 0, halo);
+    if ((int)CP > (int)C)  /* the channels past C stay zero in every row that is written per token */
+        for (size_t t = 0; t < T; ++t) {
+            memset(ws->v + t * ROW + C, 0, sizeof(float) * (CP - C));
+            memset(ws->v + t * ROW + CP + C, 0, sizeof(float) * (CP - C));
+            memset(ws->g_n + t * ROW + C, 0, sizeof(float) * (CP - C));
+            memset(ws->g_n + t * ROW + CP + C, 0, sizeof(float) * (CP - C));
+        }
     return 1;
 }
 
 /* The call's Shape, its tables in the calling thread's memory (the other threads only read them);
  * 0 when they cannot be allocated or p is not of this library's shape. */
 static int tables_for(Shape *s, const Params *p) {
-    const int64_t W = p->W;
+    const int64_t W = p->W, blocks = (W + WB - 1) / WB;
     if (p->C != C || p->H != H) return 0;  /* a library built for another shape: refuse, never misread */
-    *s = (Shape){p, p->B, p->T, W, p->dmin, p->eps, NULL, NULL, NULL, NULL};
-    float *at = grown(&tables, &tables_capacity, W * C + W * H + 2 * C + 64);
+    *s = (Shape){p, p->B, p->T, W, p->dmin, blocks, blocks * WB + (p->dmin < 0 ? -p->dmin : p->dmin), p->eps,
+                 NULL, NULL, NULL, NULL};
+    float *at = grown(&tables, &tables_capacity, blocks * WB * CP + W * H + 2 * C + 64);
     if (!at) return 0;
-    s->taps = carve(&at, W * C); s->ktab = carve(&at, W * H); s->lam_m = carve(&at, C); s->lam_v = carve(&at, C);
+    s->taps = carve(&at, blocks * WB * CP); s->ktab = carve(&at, W * H); s->lam_m = carve(&at, C);
+    s->lam_v = carve(&at, C);
+    memset(s->taps, 0, sizeof(float) * blocks * WB * CP);
     for (int64_t h = 0; h < H; ++h) {
         const float lam_m = 1.0f / (1.0f + expf(-p->gate_mean[h])), lam_v = 1.0f / (1.0f + expf(-p->gate_var[h]));
         for (int64_t w = 0; w < W; ++w) s->ktab[w * H + h] = (float)p->kernel[h * W + w];
         for (int64_t c = h * D; c < (h + 1) * D; ++c) {
             s->lam_m[c] = lam_m;
             s->lam_v[c] = lam_v;
-            for (int64_t w = 0; w < W; ++w) s->taps[w * C + c] = s->ktab[w * H + h];
+            for (int64_t w = 0; w < W; ++w) s->taps[w * CP + c] = s->ktab[w * H + h];
         }
     }
     return 1;
@@ -137,24 +194,11 @@ static int tables_for(Shape *s, const Params *p) {
 #define MU_LN(stats, t) ((stats)[(t) * (H + 2) + H])
 #define VAR_LN(stats, t) ((stats)[(t) * (H + 2) + H + 1])
 
-/* The offsets w whose source i = t - dmin - w (or output t = i + dmin + w, backwards = 0) lies in
- * 0 ... T - 1, as [*lo, *hi]. */
-static void band(const Shape *s, int64_t t, int backwards, int64_t *lo, int64_t *hi) {
-    const int64_t T = s->T, W = s->W, dmin = s->dmin;
-    if (!backwards) {
-        *lo = t - dmin - (T - 1) > 0 ? t - dmin - (T - 1) : 0;
-        *hi = t - dmin < W - 1 ? t - dmin : W - 1;
-    } else {
-        *lo = -t - dmin > 0 ? -t - dmin : 0;
-        *hi = T - 1 - t - dmin < W - 1 ? T - 1 - t - dmin : W - 1;
-    }
-}
-
 /* Steps 1-2 of the spec for one sequence, into its stats: r = 1/sqrt(mean_head(x^2) + eps) per token and
  * head, and the LayerNorm mean and *unbiased* variance (the authors' torch.var default) of xs = r x over
  * all C channels (two passes: exact for tokens nearly constant across channels). */
 static void statistics(const Shape *s, const float *restrict x, float *restrict stats, Workspace *ws) {
-    float *restrict xs = ws->n;  /* scratch, one token */
+    float *restrict xs = ws->scratch;  /* one token */
     for (int64_t t = 0; t < s->T; ++t) {
         const float *restrict xt = x + t * C;
         float *restrict r = R(stats, t);
@@ -183,71 +227,73 @@ static void statistics(const Shape *s, const float *restrict x, float *restrict 
 }
 
 /* One sequence's sources: v = (m xs, m xs^2) (a padded token is nobody's source), r per channel, and
- * the softmax normalisers z[t, h] = sum_w k[w, h] m[t - dmin - w]. */
+ * the softmax normalisers z[t, h] = sum_d k(d) m[t - d]. */
 static void sources(const Shape *s, const float *restrict x, const uint8_t *restrict m, const float *stats,
                     Workspace *ws) {
-    const int64_t T = s->T;
+    const int64_t T = s->T, W = s->W, dmin = s->dmin;
     for (int64_t t = 0; t < T; ++t) {
         const float *restrict xt = x + t * C, *restrict r = R(stats, t);
-        float *restrict v = ws->v + 2 * t * C, *restrict rs = ws->rs + t * C;
+        float *restrict v = ws->v + t * ROW, *restrict rs = ws->rs + t * C;
         const float real = m ? (float)m[t] : 1.0f;
         for (int64_t h = 0; h < H; ++h)
             for (int64_t c = h * D; c < (h + 1) * D; ++c) rs[c] = r[h];
         for (int64_t c = 0; c < C; ++c) {
             v[c] = real * rs[c] * xt[c];
-            v[C + c] = v[c] * v[c];
+            v[CP + c] = v[c] * v[c];
         }
         float z[H] = {0};
-        int64_t lo, hi;
-        band(s, t, 0, &lo, &hi);
+        const int64_t lo = t - dmin - (T - 1) > 0 ? t - dmin - (T - 1) : 0;  /* the source t - dmin - w */
+        const int64_t hi = t - dmin < W - 1 ? t - dmin : W - 1;             /* must lie in 0 ... T - 1 */
         for (int64_t w = lo; w <= hi; ++w) {
-            const float source = m ? (float)m[t - s->dmin - w] : 1.0f;
+            const float source = m ? (float)m[t - dmin - w] : 1.0f;
             for (int64_t h = 0; h < H; ++h) z[h] += s->ktab[w * H + h] * source;
         }
         for (int64_t h = 0; h < H; ++h) ws->z[t * H + h] = z[h];
     }
 }
 
-/* Channels per block of the banded sums: one block's accumulators stay in vector registers while the
- * loop runs over the band. The forward sums keep two per channel (32 floats: two AVX-512 registers
- * each, four independent chains of multiply-adds), the adjoint two and a table row it updates (16 floats
- * measured faster there). */
-#define LANES 32
-#define ADJOINT_LANES 16
-
-/* Over `count` offsets w, channels l < width (at most LANES): out[l] = sum_w k[w C + l] v_w[l] and
- * out[C + l] = sum_w k[w C + l] v_w[C + l], for the sources going backwards from v one pair of rows per
- * offset. Always inlined, so that width = LANES is a constant and the loop over l becomes vector
- * instructions. */
-static inline __attribute__((always_inline)) void band_block(
-        int64_t width, int64_t count, const float *restrict k, const float *restrict v, float *restrict out) {
-    float acc1[LANES] = {0}, acc2[LANES] = {0};
-    for (int64_t w = 0; w < count; ++w)
-        for (int64_t l = 0; l < width; ++l) {
-            acc1[l] += k[w * C + l] * v[-2 * w * C + l];
-            acc2[l] += k[w * C + l] * v[-2 * w * C + C + l];
+/* Step 3's banded sums of one sequence for the SUB channels from c0 and the offsets of block b:
+ * n[t] += sum_w k(w) v[t - dmin - w] over the block's WB offsets, both rows (the first block sets n). */
+static void band_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int64_t first, int64_t end) {
+    lanes k[WB];
+    for (int64_t w = 0; w < WB; ++w) k[w] = AT(s->taps + (b * WB + w) * CP + c0);
+    const int64_t shift = s->dmin + b * WB;  /* the source of t at offset w is t - shift - w */
+    for (int64_t t = first; t < end; ++t) {
+        float *n = ws->n + t * ROW + c0;
+        const float *v = ws->v + (t - shift) * ROW + c0;
+        lanes n1 = {0}, n2 = {0};
+        if (b) {
+            n1 = AT(n);
+            n2 = AT(n + CP);
         }
-    for (int64_t l = 0; l < width; ++l) {
-        out[l] = acc1[l];
-        out[C + l] = acc2[l];
+        #pragma GCC unroll 16
+        for (int64_t w = 0; w < WB; ++w) {
+            n1 += k[w] * AT(v - w * ROW);
+            n2 += k[w] * AT(v - w * ROW + CP);
+        }
+        AT(n) = n1;
+        AT(n + CP) = n2;
     }
 }
 
-/* Step 3's sums for output token t over its sources i = t - d, per channel: ws->n = (sum k(d) m xs,
- * sum k(d) m xs^2), and ws->inv = 1 / z, 0 for a padded token or one no source reaches: its inter-token
- * statistics are 0 (cpu.py alike). */
-static void window_sums(const Shape *s, const uint8_t *restrict m, Workspace *ws, int64_t t) {
-    int64_t lo, hi;
-    band(s, t, 0, &lo, &hi);
-    const float *k = s->taps + lo * C, *v = ws->v + 2 * (t - s->dmin - lo) * C;  /* offset lo and its source */
-    int64_t c0 = 0;
-    for (; c0 + LANES <= C; c0 += LANES) band_block(LANES, hi - lo + 1, k + c0, v + c0, ws->n + c0);
-    if (c0 < C) band_block(C - c0, hi - lo + 1, k + c0, v + c0, ws->n + c0);
+/* All of step 3's banded sums of one sequence, into ws->n, TILE tokens at a time. */
+static void window_sums(const Shape *s, Workspace *ws) {
+    for (int64_t first = 0; first < s->T; first += TILE) {
+        const int64_t end = first + TILE < s->T ? first + TILE : s->T;
+        for (int64_t c0 = 0; c0 < CP; c0 += SUB)
+            for (int64_t b = 0; b < s->blocks; ++b) band_block(s, ws, c0, b, first, end);
+    }
+}
+
+/* ws->inv: token t's 1 / normaliser per channel, 0 for a padded token or one no source reaches: its
+ * inter-token statistics are 0 (cpu.py alike). */
+static const float *reciprocals(const uint8_t *restrict m, Workspace *ws, int64_t t) {
     const int reached = !m || m[t];
     for (int64_t h = 0; h < H; ++h) {
         const float z = ws->z[t * H + h], inv = (reached && z > TINY) ? 1.0f / z : 0.0f;
         for (int64_t c = h * D; c < (h + 1) * D; ++c) ws->inv[c] = inv;
     }
+    return ws->inv;
 }
 
 /* Steps 1-5 for one sequence; its statistics go to stats for backward. */
@@ -257,9 +303,10 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
     const float *restrict weight = s->p->weight, *restrict bias = s->p->bias;
     statistics(s, x, stats, ws);
     sources(s, x, m, stats, ws);
+    window_sums(s, ws);
     for (int64_t t = 0; t < s->T; ++t) {
-        window_sums(s, m, ws, t);
-        const float *restrict n1 = ws->n, *restrict n2 = ws->n + C, *restrict inv = ws->inv;
+        const float *restrict inv = reciprocals(m, ws, t);
+        const float *restrict n1 = ws->n + t * ROW, *restrict n2 = n1 + CP;
         const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C;
         const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
         float *restrict yt = y + t * C;
@@ -274,29 +321,36 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
     }
 }
 
-/* Backward's pass 2 for one source and channels l < width (at most ADJOINT_LANES), over `count` offsets
- * w, the outputs going forwards from g one pair of rows per offset (the gradients a, b of their window
- * sums): the adjoint sums out = (sum_w k a_w, sum_w k b_w), and dL/dk per offset and channel,
- * g_k[w C + l] += a_w v1 + b_w v2 (v: the source's pair of rows). Inlined like band_block. */
-static inline __attribute__((always_inline)) void adjoint_block(
-        int64_t width, int64_t count, const float *restrict k, const float *restrict g, const float *restrict v,
-        float *restrict out, float *restrict g_k) {
-    float acc1[ADJOINT_LANES] = {0}, acc2[ADJOINT_LANES] = {0}, v1[ADJOINT_LANES], v2[ADJOINT_LANES];
-    for (int64_t l = 0; l < width; ++l) {
-        v1[l] = v[l];
-        v2[l] = v[C + l];
+/* Backward's banded sums over the outputs t = i + dmin + w of each source i, for the SUB channels from
+ * c0 and the offsets of block b: the adjoint sums adj[i] += sum_w k(w) g_n[t] (both rows; the first
+ * block sets adj), and dL/dk per offset and channel, g_taps[w] += sum_i g_n1[t] v1[i] + g_n2[t] v2[i]. */
+static void adjoint_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int64_t first, int64_t end) {
+    lanes k[WB], g_k[WB];
+    for (int64_t w = 0; w < WB; ++w) {
+        k[w] = AT(s->taps + (b * WB + w) * CP + c0);
+        g_k[w] = (lanes){0};
     }
-    for (int64_t w = 0; w < count; ++w)
-        for (int64_t l = 0; l < width; ++l) {
-            const float a = g[2 * w * C + l], b = g[2 * w * C + C + l];
-            acc1[l] += k[w * C + l] * a;
-            acc2[l] += k[w * C + l] * b;
-            g_k[w * C + l] += a * v1[l] + b * v2[l];
+    const int64_t shift = s->dmin + b * WB;  /* the output of i at offset w is i + shift + w */
+    for (int64_t i = first; i < end; ++i) {
+        float *adj = ws->adj + i * ROW + c0;
+        const float *v = ws->v + i * ROW + c0, *g = ws->g_n + (i + shift) * ROW + c0;
+        const lanes v1 = AT(v), v2 = AT(v + CP);
+        lanes s1 = {0}, s2 = {0};
+        if (b) {
+            s1 = AT(adj);
+            s2 = AT(adj + CP);
         }
-    for (int64_t l = 0; l < width; ++l) {
-        out[l] = acc1[l];
-        out[C + l] = acc2[l];
+        #pragma GCC unroll 16
+        for (int64_t w = 0; w < WB; ++w) {
+            const lanes a = AT(g + w * ROW), e = AT(g + w * ROW + CP);
+            s1 += k[w] * a;
+            s2 += k[w] * e;
+            g_k[w] += a * v1 + e * v2;
+        }
+        AT(adj) = s1;
+        AT(adj + CP) = s2;
     }
+    for (int64_t w = 0; w < WB; ++w) AT(ws->g_taps + (b * WB + w) * CP + c0) += g_k[w];
 }
 
 /* Backward of one sequence: grad_x, and the parameter gradients added to its row of partials:
@@ -309,20 +363,21 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
     float *restrict g_weight = ws->acc, *restrict g_bias = ws->acc + C;
     float *restrict g_lm = ws->acc + 2 * C, *restrict g_lv = ws->acc + 3 * C;
     memset(ws->acc, 0, sizeof(float) * 4 * C);
-    memset(ws->g_taps, 0, sizeof(float) * W * C);
+    memset(ws->g_taps, 0, sizeof(float) * s->blocks * WB * CP);
     memset(ws->g_ktab, 0, sizeof(float) * W * H);
     sources(s, x, m, stats, ws);
+    window_sums(s, ws);
 
     /* Pass 1, per output token t: recompute its statistics; keep in gx the gradient that reaches xs
      * directly, G = gy w rstd, and in g_n, g_z those of the window sums (mu_in = n1 / z,
      * E[xs^2] = n2 / z); the LayerNorm statistics' gradients are per-token scalars. */
     for (int64_t t = 0; t < T; ++t) {
-        window_sums(s, m, ws, t);
-        const float *restrict n1 = ws->n, *restrict n2 = ws->n + C, *restrict inv = ws->inv;
+        const float *restrict inv = reciprocals(m, ws, t);
+        const float *restrict n1 = ws->n + t * ROW, *restrict n2 = n1 + CP;
         const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C, *restrict gyt = gy + t * C;
         const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
-        float *restrict g = gx + t * C, *restrict a = ws->g_n + 2 * t * C, *restrict b = a + C;
-        float *restrict g_z = ws->s;  /* per channel, summed per head below */
+        float *restrict g = gx + t * C, *restrict a = ws->g_n + t * ROW, *restrict b = a + CP;
+        float *restrict g_z = ws->scratch;  /* per channel, summed per head below */
         float g_mu_ln = 0.0f, g_var_ln = 0.0f;
         #pragma omp simd reduction(+:g_mu_ln, g_var_ln)
         for (int64_t c = 0; c < C; ++c) {
@@ -357,25 +412,27 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
         ws->g_var_ln[t] = g_var_ln;
     }
 
-    /* Pass 2, per source token i: the adjoint convolution gives dL/dv1[i], dL/dv2[i] (sums over the
-     * outputs t = i + d), and each pair (t, i) adds its share to dL/dk(d); then back through
-     * v1 = m xs, v2 = m xs^2, the LayerNorm statistics and the RMS pre-scaling to x. */
+    /* The adjoint convolution: dL/dv1[i], dL/dv2[i] (sums over the outputs t = i + d) into ws->adj, and
+     * each pair (t, i) adds its share to dL/dk(d). */
+    for (int64_t first = 0; first < T; first += TILE) {
+        const int64_t end = first + TILE < T ? first + TILE : T;
+        for (int64_t c0 = 0; c0 < CP; c0 += SUB)
+            for (int64_t b = 0; b < s->blocks; ++b) adjoint_block(s, ws, c0, b, first, end);
+    }
+
+    /* Pass 2, per source token i: the normalisers' share of dL/dk, then back through v1 = m xs,
+     * v2 = m xs^2, the LayerNorm statistics and the RMS pre-scaling to x. */
     for (int64_t i = 0; i < T; ++i) {
         const float real = m ? (float)m[i] : 1.0f, mu_ln = MU_LN(stats, i);
         const float g_mean = ws->g_mu_ln[i] * (1.0f / C), g_dev = ws->g_var_ln[i] * (2.0f / (C - 1));
-        int64_t lo, hi;
-        band(s, i, 1, &lo, &hi);
-        const float *k = s->taps + lo * C, *g_n = ws->g_n + 2 * (i + dmin + lo) * C, *v = ws->v + 2 * i * C;
-        float *g_k = ws->g_taps + lo * C;
-        int64_t c0 = 0;
-        for (; c0 + ADJOINT_LANES <= C; c0 += ADJOINT_LANES)
-            adjoint_block(ADJOINT_LANES, hi - lo + 1, k + c0, g_n + c0, v + c0, ws->s + c0, g_k + c0);
-        if (c0 < C)
-            adjoint_block(C - c0, hi - lo + 1, k + c0, g_n + c0, v + c0, ws->s + c0, g_k + c0);
-        if (real != 0.0f)  /* the normalisers' share: z[t] = sum_w k m[t - dmin - w] */
+        if (real != 0.0f) {  /* z[t] = sum_w k m[t - dmin - w] */
+            const int64_t lo = -i - dmin > 0 ? -i - dmin : 0;                         /* the output i + dmin + w */
+            const int64_t hi = T - 1 - i - dmin < W - 1 ? T - 1 - i - dmin : W - 1;  /* must lie in 0 ... T - 1 */
             for (int64_t w = lo; w <= hi; ++w)
                 for (int64_t h = 0; h < H; ++h) ws->g_ktab[w * H + h] += ws->g_z[(i + dmin + w) * H + h];
-        const float *restrict s1 = ws->s, *restrict s2 = ws->s + C, *restrict xi = x + i * C, *restrict r = R(stats, i);
+        }
+        const float *restrict s1 = ws->adj + i * ROW, *restrict s2 = s1 + CP, *restrict xi = x + i * C;
+        const float *restrict r = R(stats, i);
         float *restrict g = gx + i * C;
         for (int64_t h = 0; h < H; ++h) {
             float along = 0.0f;  /* sum over the head of dL/dxs * x: the gradient of r */
@@ -401,7 +458,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
     for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
             double sum = ws->g_ktab[w * H + h];
-            for (int64_t c = h * D; c < (h + 1) * D; ++c) sum += ws->g_taps[w * C + c];
+            for (int64_t c = h * D; c < (h + 1) * D; ++c) sum += ws->g_taps[w * CP + c];
             g_kernel[h * W + w] += sum;
         }
 }

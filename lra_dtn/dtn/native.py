@@ -173,19 +173,11 @@ class _NativeFunction(torch.autograd.Function):
         )
 
 
-#: Widest kernel the C kernels take, as offsets x channels: their backward updates a (W, C) table of the
-#: kernel's gradient for every source, which stays in the L1/L2 caches up to about this size. Measured on
-#: 2 cores (AMD EPYC, T = 2048), native / eager time of forward + backward: 0.42-0.43 at the local init
-#: (15 offsets) for C = 64 and 256; equal at about 200 offsets for C = 64, 130 for C = 128, 60 for
-#: C = 256 and 35 for C = 512; wider kernels go to the eager depthwise convolution.
-MAX_TABLE = 12288
-
-
-def serves(plan: cpu.Plan, dtype: torch.dtype, channels: int) -> bool:
-    """Whether the C kernels compute this plan: a band every real token reaches (no exact rows, no FFT),
-    at most :data:`MAX_TABLE` offsets x channels, and a float32/bf16/fp16 input (float64 inputs keep
+def serves(plan: cpu.Plan, dtype: torch.dtype) -> bool:
+    """Whether the C kernels compute this plan: a band every real token reaches (no exact rows; where the
+    eager path would take FFT, so does this one), and a float32/bf16/fp16 input (float64 inputs keep
     float64 statistics on the eager path)."""
-    return plan.method == "conv" and not plan.far and plan.width * channels <= MAX_TABLE and dtype != torch.float64
+    return plan.method == "conv" and not plan.far and dtype != torch.float64
 
 
 def normalize(norm, x: Tensor, mask: Tensor | None, *, required: bool = False) -> Tensor:
@@ -202,7 +194,7 @@ def normalize(norm, x: Tensor, mask: Tensor | None, *, required: bool = False) -
         warnings.warn(f"DTN's C kernels are unavailable, using the eager path: {error}", stacklevel=3)
         return cpu.normalize(norm, x, mask, method="auto")
     plan = cpu.make_plan(norm.pos_proj.weight, x.shape[1], "auto", torch.float32)
-    if not serves(plan, x.dtype, x.shape[-1]):
+    if not serves(plan, x.dtype):
         return cpu.normalize(norm, x, mask, method="auto")
     return _NativeFunction.apply(x, norm.pos_proj.weight, norm.pos_proj.bias, norm.mean_gate(), norm.gate_var,
                                  norm.weight, norm.bias, mask, norm.num_heads, norm.eps, plan)
