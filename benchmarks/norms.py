@@ -34,9 +34,13 @@ token. A fused path, which the dispatcher sees as one op, reports what its kerne
 Small model (``--small-model``): where DTN's fixed cost per call shows, the ``cpu`` preset ListOps
 Transformer (``tasks``' cpu config: 2 layers, width 64, 4 heads, batch 32, generated sequences of up to
 100 tokens + CLS, each batch padded to its longest): one norm call forward + backward at the longest
-shape, and one training step (forward, backward, the project's AdamW step), LN and DTN in turn, the
-fastest of ``--rounds`` (at least 5) rounds of 8 steps over the same 8 batches. On a shared machine use
+shape, and one training step (forward, backward, the project's AdamW step), LN, DTN (``auto``: the native
+C kernels on CPU) and DTN's eager path (``conv``, what ``auto`` took before them) in turn, the fastest of
+``--rounds`` (at least 5) rounds of 8 steps over the same 8 batches. On a shared machine use
 ``--threads 1``: CPU time on one thread is the stable number. Target (issue 11): step DTN/LN <= 1.3.
+
+``--dtn-method`` sets the path of every DTN in the norm and step rows (default ``auto``; ``conv`` measures
+the eager path).
 
 Targets (the issue): step-time ratio DTN/LN <= 1.10 (Transformer) and <= 1.30 (BigBird) at init, <= 1.5
 and <= 2.0 with the wide kernel; peak step memory ratio <= 1.25.
@@ -76,7 +80,16 @@ BATCH, CHANNELS, HEADS = 8, 128, 4
 DEVICE = torch.device("cpu")  # --device
 PRECISION = "fp32"  # --precision: bf16 autocasts the training steps
 WIDE_HALF_WIDTH = 128
+DTN_METHOD = "auto"  # --dtn-method: the path every 1-D DTN of the norm and step rows takes
 NORMS = {"ln": ("ln", None), "dtn-init": ("dtn", None), "dtn-wide": ("dtn", WIDE_HALF_WIDTH)}
+
+
+def with_method(module: torch.nn.Module, method: str | None) -> torch.nn.Module:
+    """``module`` with every 1-D DTN in it set to ``method`` (``None``: unchanged)."""
+    for norm in module.modules():
+        if method and isinstance(norm, DynamicTokenNorm) and norm.grid is None:
+            norm.method = method
+    return module
 
 
 def widen(module: torch.nn.Module, length: int, half_width: int = WIDE_HALF_WIDTH) -> None:
@@ -123,7 +136,7 @@ def norm_jobs(length: int) -> dict[str, callable]:
     mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]).to(DEVICE)
     jobs = {}
     for label, (name, half_width) in NORMS.items():
-        norm = build_norm(name, CHANNELS, HEADS).to(DEVICE)
+        norm = with_method(build_norm(name, CHANNELS, HEADS).to(DEVICE), DTN_METHOD)
         if half_width:
             widen(norm, length)
         jobs[label] = lambda norm=norm: norm(x, mask).backward(grad)
@@ -140,7 +153,7 @@ def training_step(model_name: str, label: str, length: int):
     torch.manual_seed(0)
     name, half_width = NORMS[label]
     cfg = model_config(length)
-    model = build_model(model_name, cfg, name).to(DEVICE).train()
+    model = with_method(build_model(model_name, cfg, name).to(DEVICE).train(), DTN_METHOD)
     if half_width:
         widen(model, length + 1)  # + CLS
     mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (BATCH,))[:, None]).to(DEVICE)
@@ -189,7 +202,7 @@ def memory_cell(model_name: str, label: str, length: int) -> float | None:
     """:func:`step_memory` in a fresh interpreter, so the peak belongs to this cell alone."""
     cmd = [sys.executable, "-m", "benchmarks.norms", "--memory-cell", model_name, label, str(length),
            "--device", str(DEVICE), "--precision", PRECISION, "--batch", str(BATCH), "--channels", str(CHANNELS),
-           "--heads", str(HEADS)]
+           "--heads", str(HEADS), "--dtn-method", DTN_METHOD]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         print(f"memory cell {model_name} {label} T={length} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
@@ -292,8 +305,13 @@ def grid_prior_case(rounds: int) -> list[str]:
 SMALL_MODEL_BATCHES = 8
 
 
+#: The norms ``--small-model`` compares: label -> (norm, DTN method); ``dtn eager`` is the eager path
+#: that ``auto`` took on CPU before the native kernels, measured in the same run.
+SMALL_MODEL_NORMS = {"ln": ("ln", None), "dtn": ("dtn", "auto"), "dtn eager": ("dtn", "conv")}
+
+
 def small_model_jobs(kind: str) -> dict[str, callable]:
-    """LN and DTN closures for ``--small-model``: one norm call (``kind="norm"``) or
+    """Closures for ``--small-model``, one per :data:`SMALL_MODEL_NORMS`: one norm call (``kind="norm"``) or
     :data:`SMALL_MODEL_BATCHES` training steps (``kind="step"``) of the cpu-preset ListOps Transformer."""
     model_cfg, train_cfg, data = TASKS.get("listops")().spec(Preset.cpu, "transformer")
     B, T, C, H = train_cfg.batch_size, model_cfg.encoder_length, model_cfg.emb_dim, model_cfg.num_heads
@@ -303,9 +321,9 @@ def small_model_jobs(kind: str) -> dict[str, callable]:
         x = torch.randn(B, T, C, generator=g, requires_grad=True)
         grad = torch.randn(B, T, C, generator=g)
         mask = torch.arange(T)[None] < torch.randint(data.min_length + 1, T + 1, (B,), generator=g)[:, None]
-        for name in ("ln", "dtn"):
-            norm = build_norm(name, C, H)
-            jobs[name] = lambda norm=norm: norm(x, mask).backward(grad)
+        for label, (name, method) in SMALL_MODEL_NORMS.items():
+            norm = with_method(build_norm(name, C, H), method)
+            jobs[label] = lambda norm=norm: norm(x, mask).backward(grad)
         return jobs
     batches = []
     for _ in range(SMALL_MODEL_BATCHES):
@@ -313,9 +331,9 @@ def small_model_jobs(kind: str) -> dict[str, callable]:
         mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
         ids = torch.randint(1, model_cfg.vocab_size, mask.shape, generator=g) * mask
         batches.append((ids, mask, torch.randint(0, model_cfg.num_classes, (B,), generator=g)))
-    for name in ("ln", "dtn"):
+    for label, (name, method) in SMALL_MODEL_NORMS.items():
         torch.manual_seed(0)
-        model = build_model("transformer", model_cfg, name).train()
+        model = with_method(build_model("transformer", model_cfg, name).train(), method)
         optimizer = build_optimizer(model, train_cfg)
 
         def steps(model=model, optimizer=optimizer) -> None:
@@ -324,20 +342,22 @@ def small_model_jobs(kind: str) -> dict[str, callable]:
                 F.cross_entropy(model(ids, mask), labels).backward()
                 optimizer.step()
 
-        jobs[name] = steps
+        jobs[label] = steps
     return jobs
 
 
 def print_small_model_table(rounds: int) -> None:
-    """``--small-model``: ms per norm call and per training step, LN and DTN (CPU time), and DTN/LN of
-    the CPU time (of the wall time), a row as soon as it is measured."""
-    print("| cpu-preset ListOps Transformer | LN CPU ms | DTN CPU ms | DTN/LN CPU (wall) |\n|---|---|---|---|")
+    """``--small-model``: ms per norm call and per training step (CPU time) of LN, DTN and DTN's eager path,
+    and each DTN's ratio to LN of the CPU time (of the wall time), a row as soon as it is measured."""
+    print("| cpu-preset ListOps Transformer | LN CPU ms | DTN CPU ms | DTN/LN CPU (wall) | DTN eager CPU ms | "
+          "eager/LN CPU (wall) |\n|---|---|---|---|---|---|")
     cases = (("norm", "one norm call, fwd + bwd", 1), ("step", "one training step", SMALL_MODEL_BATCHES))
     for kind, label, per in cases:
         times = fastest(small_model_jobs(kind), rounds=rounds)
-        ln, dtn = times["ln"], times["dtn"]
-        print(f"| {label} | {1e3 * ln[1] / per:.2f} | {1e3 * dtn[1] / per:.2f} | "
-              f"{ratio(dtn[1], ln[1])} ({ratio(dtn[0], ln[0])}) |", flush=True)
+        ln = times["ln"]
+        print(f"| {label} | {1e3 * ln[1] / per:.2f} | " + " | ".join(
+            f"{1e3 * times[k][1] / per:.2f} | {ratio(times[k][1], ln[1])} ({ratio(times[k][0], ln[0])})"
+            for k in ("dtn", "dtn eager")) + " |", flush=True)
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -345,7 +365,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global DEVICE, PRECISION, BATCH, CHANNELS, HEADS  # the measured shape and device, set once from the flags
+    global DEVICE, PRECISION, BATCH, CHANNELS, HEADS, DTN_METHOD  # the measured case, set once from the flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--rounds", type=int, default=3, help="timed repetitions of each training step")
@@ -357,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=CHANNELS, help="C, also the encoders' width")
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-cell memory processes")
+    parser.add_argument("--dtn-method", default="auto", help="DTN's path in the norm and step rows (default: %(default)s; "
+                        "e.g. conv for the eager path on CPU)")
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--traffic", action="store_true",
                         help="print the bytes per token LN and each DTN path read and write at the official shapes")
@@ -367,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-cell", nargs=3, metavar=("MODEL", "NORM", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     DEVICE, PRECISION = torch.device(args.device), args.precision
-    BATCH, CHANNELS, HEADS = args.batch, args.channels, args.heads
+    BATCH, CHANNELS, HEADS, DTN_METHOD = args.batch, args.channels, args.heads, args.dtn_method
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_cell:
@@ -392,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     models = [m for m in args.models if m in MODELS]
     for missing in sorted(set(args.models) - set(models)):
         print(f"{missing}: not registered in models.MODELS, skipped", flush=True)
-    print(f"B={BATCH}, C={CHANNELS}, H={HEADS}, {DEVICE}, {PRECISION} steps, {torch.get_num_threads()} CPU threads. "
+    print(f"B={BATCH}, C={CHANNELS}, H={HEADS}, {DEVICE}, DTN method {DTN_METHOD}, {PRECISION} steps, "
+          f"{torch.get_num_threads()} CPU threads. "
           "Ratios DTN/LN of the fastest wall time (of the process CPU time); memory: peak over two steps", flush=True)
     results, lines = [], []
     for length in args.lengths:

@@ -1,5 +1,9 @@
 """DTN's eager path (CPU, and any device PyTorch runs): depthwise or FFT convolutions, one autograd Function.
 
+On CPU, ``auto`` takes the native C kernels (:mod:`lra_dtn.dtn.native`) for every plan this path would
+convolve directly; this path computes the rest (far-peaked kernels with exact rows, FFT-wide kernels,
+float64 inputs) and everything where no C compiler is found, and it is what ``conv`` and ``fft`` ask for.
+
 The kernel depends on ``d = j - i`` only, so step 3 of the spec is three convolutions with
 ``exp(logit - peak)`` over the kernel's effective support (:mod:`lra_dtn.dtn.kernel`): of ``mask * xs``,
 of ``mask * xs^2`` and of ``mask``, the last one being each token's softmax normaliser, so padding never
