@@ -102,17 +102,16 @@ typedef struct {
  * sequence. */
 typedef struct {
     float *v;                     /* (halo + T + halo rows): the sources' values m xs and m xs^2 */
-    float *n;                     /* (T rows): the window sums of v: sum_d k(d) v[t - d] */
-    float *rs;                    /* (T, C): r per channel */
+    float *n;                     /* (TILE rows): one tile's window sums of v, sum_d k(d) v[t - d] */
     float *z;                     /* (T, H): softmax normalisers, sum_d k(d) m[t - d] */
     float *g_n;                   /* backward (halo + T + halo rows): the gradients of n */
-    float *adj;                   /* backward (T rows): the adjoint sums sum_d k(d) g_n[i + d] */
+    float *adj;                   /* backward (TILE rows): one tile's adjoint sums, sum_d k(d) g_n[i + d] */
     float *g_z;                   /* backward (T, H): the gradients of the normalisers */
     float *g_mu_ln, *g_var_ln;    /* backward: (T) */
     float *g_taps;                /* backward: (blocks * WB, CP) dL/dk per offset and channel */
     float *g_ktab;                /* backward: (W, H) the normalisers' share of dL/dk */
     float *acc;                   /* backward: (4, C) sums over tokens of the weight, bias, lam_m, lam_v gradients */
-    float *inv;                   /* (C): one token's 1 / normaliser */
+    float *inv, *rc;              /* (C) each: one token's 1 / normaliser and r, per channel */
     float *scratch;               /* (C) */
 } Workspace;
 
@@ -143,14 +142,14 @@ static float *carve(float **at, size_t n) {  /* the next n floats of a block, 64
 /* Points ws into this thread's block; 0 when it could not be grown. */
 static int workspace_for(Workspace *ws, const Shape *s) {
     const size_t T = s->T, W = s->W, rows = T + 2 * s->halo, padded = s->blocks * WB;
-    const size_t need = 2 * rows * ROW + 2 * T * ROW + T * C + 2 * T * H + 2 * T + padded * CP + W * H + 6 * C + 14 * 16;
+    const size_t need = 2 * rows * ROW + 2 * TILE * ROW + C + 2 * T * H + 2 * T + padded * CP + W * H + 6 * C + 14 * 16;
     if (!grown(&block, &capacity, need)) return 0;
     float *at = block;
     ws->v = carve(&at, rows * ROW) + s->halo * ROW; ws->g_n = carve(&at, rows * ROW) + s->halo * ROW;
-    ws->n = carve(&at, T * ROW); ws->adj = carve(&at, T * ROW); ws->rs = carve(&at, T * C);
+    ws->n = carve(&at, TILE * ROW); ws->adj = carve(&at, TILE * ROW);
     ws->z = carve(&at, T * H); ws->g_z = carve(&at, T * H); ws->g_mu_ln = carve(&at, T); ws->g_var_ln = carve(&at, T);
     ws->g_taps = carve(&at, padded * CP); ws->g_ktab = carve(&at, W * H); ws->acc = carve(&at, 4 * C);
-    ws->inv = carve(&at, C); ws->scratch = carve(&at, C);
+    ws->inv = carve(&at, C); ws->rc = carve(&at, C); ws->scratch = carve(&at, C);
     const size_t halo = sizeof(float) * s->halo * ROW;
     memset(ws->v - s->halo * ROW, 0, halo);
     memset(ws->v + T * ROW, 0, halo);
@@ -228,17 +227,23 @@ static void statistics(const Shape *s, const float *restrict x, float *restrict 
     }
 }
 
-/* One sequence's sources: v = (m xs, m xs^2) (a padded token is nobody's source), r per channel, and
- * the softmax normalisers z[t, h] = sum_d k(d) m[t - d]. */
+/* ws->rc: token t's r per channel. */
+static const float *scales(const float *restrict stats, Workspace *ws, int64_t t) {
+    const float *r = R(stats, t);
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t c = h * D; c < (h + 1) * D; ++c) ws->rc[c] = r[h];
+    return ws->rc;
+}
+
+/* One sequence's sources: v = (m xs, m xs^2) (a padded token is nobody's source), and the softmax
+ * normalisers z[t, h] = sum_d k(d) m[t - d]. */
 static void sources(const Shape *s, const float *restrict x, const uint8_t *restrict m, const float *stats,
                     Workspace *ws) {
     const int64_t T = s->T, W = s->W, dmin = s->dmin;
     for (int64_t t = 0; t < T; ++t) {
-        const float *restrict xt = x + t * C, *restrict r = R(stats, t);
-        float *restrict v = ws->v + t * ROW, *restrict rs = ws->rs + t * C;
+        const float *restrict xt = x + t * C, *restrict rs = scales(stats, ws, t);
+        float *restrict v = ws->v + t * ROW;
         const float real = m ? (float)m[t] : 1.0f;
-        for (int64_t h = 0; h < H; ++h)
-            for (int64_t c = h * D; c < (h + 1) * D; ++c) rs[c] = r[h];
         for (int64_t c = 0; c < C; ++c) {
             v[c] = real * rs[c] * xt[c];
             v[CP + c] = v[c] * v[c];
@@ -261,7 +266,7 @@ static void band_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int
     for (int64_t w = 0; w < WB; ++w) k[w] = AT(s->taps + (b * WB + w) * CP + c0);
     const int64_t shift = s->dmin + b * WB;  /* the source of t at offset w is t - shift - w */
     for (int64_t t = first; t < end; ++t) {
-        float *n = ws->n + t * ROW + c0;
+        float *n = ws->n + (t - first) * ROW + c0;
         const float *v = ws->v + (t - shift) * ROW + c0;
         lanes n1 = {0}, n2 = {0};
         if (b) {
@@ -278,13 +283,10 @@ static void band_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int
     }
 }
 
-/* All of step 3's banded sums of one sequence, into ws->n, TILE tokens at a time. */
-static void window_sums(const Shape *s, Workspace *ws) {
-    for (int64_t first = 0; first < s->T; first += TILE) {
-        const int64_t end = first + TILE < s->T ? first + TILE : s->T;
-        for (int64_t c0 = 0; c0 < CP; c0 += SUB)
-            for (int64_t b = 0; b < s->blocks; ++b) band_block(s, ws, c0, b, first, end);
-    }
+/* Step 3's banded sums of the tokens first ... end - 1 (at most TILE), into ws->n. */
+static void window_sums(const Shape *s, Workspace *ws, int64_t first, int64_t end) {
+    for (int64_t c0 = 0; c0 < CP; c0 += SUB)
+        for (int64_t b = 0; b < s->blocks; ++b) band_block(s, ws, c0, b, first, end);
 }
 
 /* ws->inv: token t's 1 / normaliser per channel, 0 for a padded token or one no source reaches: its
@@ -298,27 +300,30 @@ static const float *reciprocals(const uint8_t *restrict m, Workspace *ws, int64_
     return ws->inv;
 }
 
-/* Steps 1-5 for one sequence; its statistics go to stats for backward. */
+/* Steps 1-5 for one sequence, a tile of TILE tokens at a time; its statistics go to stats for backward. */
 static void forward_sequence(const Shape *s, const float *restrict x, const uint8_t *restrict m,
                              float *restrict y, float *restrict stats, Workspace *ws) {
     const float *restrict lam_m = s->lam_m, *restrict lam_v = s->lam_v;
     const float *restrict weight = s->p->weight, *restrict bias = s->p->bias;
     statistics(s, x, stats, ws);
     sources(s, x, m, stats, ws);
-    window_sums(s, ws);
-    for (int64_t t = 0; t < s->T; ++t) {
-        const float *restrict inv = reciprocals(m, ws, t);
-        const float *restrict n1 = ws->n + t * ROW, *restrict n2 = n1 + CP;
-        const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C;
-        const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
-        float *restrict yt = y + t * C;
-        for (int64_t c = 0; c < C; ++c) {
-            const float mu_in = n1[c] * inv[c], second = n2[c] * inv[c];
-            const float spread = second - mu_in * mu_in;
-            const float var_in = spread > 0.0f ? spread : 0.0f;  /* rounding can go below 0 */
-            const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
-            const float var = lam_v[c] * var_ln + (1.0f - lam_v[c]) * var_in;
-            yt[c] = (r[c] * xt[c] - mu) / sqrtf(var + s->eps) * weight[c] + bias[c];
+    for (int64_t first = 0; first < s->T; first += TILE) {
+        const int64_t end = first + TILE < s->T ? first + TILE : s->T;
+        window_sums(s, ws, first, end);
+        for (int64_t t = first; t < end; ++t) {
+            const float *restrict inv = reciprocals(m, ws, t);
+            const float *restrict n1 = ws->n + (t - first) * ROW, *restrict n2 = n1 + CP;
+            const float *restrict r = scales(stats, ws, t), *restrict xt = x + t * C;
+            const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
+            float *restrict yt = y + t * C;
+            for (int64_t c = 0; c < C; ++c) {
+                const float mu_in = n1[c] * inv[c], second = n2[c] * inv[c];
+                const float spread = second - mu_in * mu_in;
+                const float var_in = spread > 0.0f ? spread : 0.0f;  /* rounding can go below 0 */
+                const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
+                const float var = lam_v[c] * var_ln + (1.0f - lam_v[c]) * var_in;
+                yt[c] = (r[c] * xt[c] - mu) / sqrtf(var + s->eps) * weight[c] + bias[c];
+            }
         }
     }
 }
@@ -334,7 +339,7 @@ static void adjoint_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, 
     }
     const int64_t shift = s->dmin + b * WB;  /* the output of i at offset w is i + shift + w */
     for (int64_t i = first; i < end; ++i) {
-        float *adj = ws->adj + i * ROW + c0;
+        float *adj = ws->adj + (i - first) * ROW + c0;
         const float *v = ws->v + i * ROW + c0, *g = ws->g_n + (i + shift) * ROW + c0;
         const lanes v1 = AT(v), v2 = AT(v + CP);
         lanes s1 = {0}, s2 = {0};
@@ -368,15 +373,16 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
     memset(ws->g_taps, 0, sizeof(float) * s->blocks * WB * CP);
     memset(ws->g_ktab, 0, sizeof(float) * W * H);
     sources(s, x, m, stats, ws);
-    window_sums(s, ws);
 
-    /* Pass 1, per output token t: recompute its statistics; keep in gx the gradient that reaches xs
-     * directly, G = gy w rstd, and in g_n, g_z those of the window sums (mu_in = n1 / z,
+    /* Pass 1, per output token t, a tile at a time: recompute its statistics; keep in gx the gradient
+     * that reaches xs directly, G = gy w rstd, and in g_n, g_z those of the window sums (mu_in = n1 / z,
      * E[xs^2] = n2 / z); the LayerNorm statistics' gradients are per-token scalars. */
     for (int64_t t = 0; t < T; ++t) {
+        const int64_t first = t / TILE * TILE;
+        if (t == first) window_sums(s, ws, first, first + TILE < T ? first + TILE : T);
         const float *restrict inv = reciprocals(m, ws, t);
-        const float *restrict n1 = ws->n + t * ROW, *restrict n2 = n1 + CP;
-        const float *restrict r = ws->rs + t * C, *restrict xt = x + t * C, *restrict gyt = gy + t * C;
+        const float *restrict n1 = ws->n + (t - first) * ROW, *restrict n2 = n1 + CP;
+        const float *restrict r = scales(stats, ws, t), *restrict xt = x + t * C, *restrict gyt = gy + t * C;
         const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
         float *restrict g = gx + t * C, *restrict a = ws->g_n + t * ROW, *restrict b = a + CP;
         float *restrict g_z = ws->scratch;  /* per channel, summed per head below */
@@ -414,17 +420,17 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
         ws->g_var_ln[t] = g_var_ln;
     }
 
-    /* The adjoint convolution: dL/dv1[i], dL/dv2[i] (sums over the outputs t = i + d) into ws->adj, and
-     * each pair (t, i) adds its share to dL/dk(d). */
-    for (int64_t first = 0; first < T; first += TILE) {
-        const int64_t end = first + TILE < T ? first + TILE : T;
-        for (int64_t c0 = 0; c0 < CP; c0 += SUB)
-            for (int64_t b = 0; b < s->blocks; ++b) adjoint_block(s, ws, c0, b, first, end);
-    }
-
-    /* Pass 2, per source token i: the normalisers' share of dL/dk, then back through v1 = m xs,
-     * v2 = m xs^2, the LayerNorm statistics and the RMS pre-scaling to x. */
+    /* Pass 2, per source token i, a tile at a time: the adjoint convolution gives dL/dv1[i], dL/dv2[i]
+     * (sums over the outputs t = i + d, all done by pass 1), and each pair (t, i) adds its share to
+     * dL/dk(d); then the normalisers' share of dL/dk, and back through v1 = m xs, v2 = m xs^2, the
+     * LayerNorm statistics and the RMS pre-scaling to x. */
     for (int64_t i = 0; i < T; ++i) {
+        const int64_t first = i / TILE * TILE;
+        if (i == first) {
+            const int64_t end = first + TILE < T ? first + TILE : T;
+            for (int64_t c0 = 0; c0 < CP; c0 += SUB)
+                for (int64_t b = 0; b < s->blocks; ++b) adjoint_block(s, ws, c0, b, first, end);
+        }
         const float real = m ? (float)m[i] : 1.0f, mu_ln = MU_LN(stats, i);
         const float g_mean = ws->g_mu_ln[i] * (1.0f / C), g_dev = ws->g_var_ln[i] * (2.0f / (C - 1));
         if (real != 0.0f) {  /* z[t] = sum_w k m[t - dmin - w] */
@@ -433,7 +439,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
             for (int64_t w = lo; w <= hi; ++w)
                 for (int64_t h = 0; h < H; ++h) ws->g_ktab[w * H + h] += ws->g_z[(i + dmin + w) * H + h];
         }
-        const float *restrict s1 = ws->adj + i * ROW, *restrict s2 = s1 + CP, *restrict xi = x + i * C;
+        const float *restrict s1 = ws->adj + (i - first) * ROW, *restrict s2 = s1 + CP, *restrict xi = x + i * C;
         const float *restrict r = R(stats, i);
         float *restrict g = gx + i * C;
         for (int64_t h = 0; h < H; ++h) {
