@@ -74,7 +74,8 @@ class DynamicTokenNorm(Norm):
         eps: under every square root (1e-5 as in the authors' code).
         method: a name in :data:`PATHS`: ``auto`` (the default), ``conv``, ``fft`` (which still
             convolves directly where FFT rounding could swamp some token's weights), ``fused`` (CUDA,
-            needs triton), ``native`` (CPU, needs a C compiler). All give the same numbers to float32 precision. 1-D prior only.
+            needs triton), ``native`` (CPU, needs a C compiler). All give the same numbers to float32
+            precision. 1-D prior only.
         grid: ``(rows, cols)`` of an image whose pixels are the last ``rows * cols`` tokens, in raster
             order: the 2-D prior (:mod:`lra_dtn.dtn.grid`; tokens before the grid, the CLS, take
             LayerNorm statistics alone). ``None``: a sequence, the 1-D prior.

@@ -98,8 +98,8 @@ typedef struct {
 } Shape;
 
 /* One sequence's buffers (pointers into the thread's block). The banded sums' rows are pairs of CP
- * channels, ROW floats apart; v and g_n have `halo` zero rows before and after the T real ones, where a band reads past the
- * sequence. */
+ * channels, ROW floats apart; v and g_n have `halo` zero rows before and after the T real ones, where a
+ * band reads past the sequence. */
 typedef struct {
     float *v;                     /* (halo + T + halo rows): the sources' values m xs and m xs^2 */
     float *n;                     /* (TILE rows): one tile's window sums of v, sum_d k(d) v[t - d] */
@@ -533,7 +533,8 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
         double g_w1 = 0.0, g_w2 = 0.0;
         const double centre = p->centre[h];
         for (int64_t w = 0; w < W; ++w) {
-            const double d = (double)(s->dmin + w), g_logit = p->kernel[h * W + w] * partials[2 * C + 2 * H + h * W + w];
+            const double d = (double)(s->dmin + w);
+            const double g_logit = p->kernel[h * W + w] * partials[2 * C + 2 * H + h * W + w];
             g_w1 += g_logit * (d - centre);
             g_w2 += g_logit * (d * d - centre * centre);
         }

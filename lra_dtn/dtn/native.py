@@ -9,8 +9,8 @@ few passes over each sequence, in cache: one forward, one backward that recomput
 Built on first use with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``), one
 library per channel count and head count (compile-time constants there: every loop over a token's
 channels has a known length), into a cache folder (``$LRA_DTN_CACHE``, else ``$XDG_CACHE_HOME/lra_dtn``
-or ``~/.cache/lra_dtn``), keyed by the source, the shape, the compiler and the CPU, and written atomically so concurrent processes (DDP ranks)
-never load a half-written library. It links the OpenMP runtime PyTorch has already loaded (same
+or ``~/.cache/lra_dtn``), keyed by the source, the flags, the compiler and the CPU, and written atomically
+so concurrent processes (DDP ranks) never load a half-written library. It links the OpenMP runtime PyTorch has already loaded (same
 ``libgomp.so.1``), so there is one thread pool, not two.
 
 What it serves: the plans that the eager path would convolve directly with no exact rows
@@ -41,9 +41,11 @@ from lra_dtn.workdirs import atomic_file
 SOURCE = Path(__file__).with_name("native.c")
 #: Without OpenMP the pragmas are ignored and sequences run on one thread: the second choice.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native", "-fopenmp-simd"], ["-O3"])
-#: ``-fno-math-errno``: ``sqrtf`` need not set ``errno`` (nothing reads it), which lets its loops vectorise;
-#: ``-ffp-contract=fast``: ``a += k * v`` as one fused multiply-add (ISO C mode would forbid it).
-COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast"]
+#: ``-fno-math-errno``: ``sqrtf`` need not set ``errno`` (nothing reads it), which lets its loops vectorise.
+#: ISO C mode keeps every product rounded as written (no multiply-add contraction): ``r x - mu`` must
+#: subtract the same rounded ``xs = r x`` that the mean was made of (fused, a token that is its own only
+#: source came out ~1e-4 off; contraction saved 2 % of the time).
+COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-fno-math-errno"]
 
 
 class NativeUnavailable(RuntimeError):
@@ -78,37 +80,50 @@ def _cpu_identity() -> str:
 
 
 @functools.cache
-def library(channels: int, heads: int) -> ctypes.CDLL:
+def build(channels: int, heads: int) -> ctypes.CDLL | NativeUnavailable:
     """The kernels for ``channels`` and ``heads`` (compile-time constants of ``native.c``: one library per
-    shape), built on first use; raises :class:`NativeUnavailable` (every call) if they cannot be."""
+    shape), built on first use, or why they cannot be: either is remembered, so a machine without a
+    compiler tries once per shape, not once per call."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
+        return NativeUnavailable("no C compiler found (install gcc, or set CC)")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
-        raise NativeUnavailable(f"the C compiler {compiler!r} does not run: {error}") from error
+        return NativeUnavailable(f"the C compiler {compiler!r} does not run: {error}")
     shape = [f"-DCHANNELS={channels}", f"-DHEADS={heads}"]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_identity()]).encode()).hexdigest()
+        command = [*flags, *shape, *COMMON_FLAGS]
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *command, _cpu_identity()]).encode()).hexdigest()
         path = cache_dir() / f"dtn-c{channels}-h{heads}-{key[:20]}.so"
         if not path.exists():
             try:
                 with atomic_file(path, suffix=".so") as tmp:
-                    subprocess.run([compiler, *flags, *shape, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)],
-                                   capture_output=True, text=True, check=True)
+                    subprocess.run([compiler, *command, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                                   check=True)
             except subprocess.CalledProcessError as error:
                 errors.append(f"{' '.join(flags)}: {error.stderr.strip()[-500:]}")
                 continue
             except OSError as error:
-                raise NativeUnavailable(f"cannot write the DTN kernels to {path.parent}: {error} "
-                                        f"(set LRA_DTN_CACHE to a writable folder)") from error
-        lib = ctypes.CDLL(str(path))
+                return NativeUnavailable(f"cannot write the DTN kernels to {path.parent}: {error} "
+                                         f"(set LRA_DTN_CACHE to a writable folder)")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as error:
+            return NativeUnavailable(f"cannot load {path}: {error}")
         for name in ("dtn_forward", "dtn_backward"):
             getattr(lib, name).restype = ctypes.c_int
         return lib
-    raise NativeUnavailable(f"{compiler} could not compile {SOURCE.name}:\n" + "\n".join(errors))
+    return NativeUnavailable(f"{compiler} could not compile {SOURCE.name}:\n" + "\n".join(errors))
+
+
+def library(channels: int, heads: int) -> ctypes.CDLL:
+    """:func:`build`'s library, or :class:`NativeUnavailable` raised with its reason."""
+    built = build(channels, heads)
+    if isinstance(built, NativeUnavailable):
+        raise NativeUnavailable(str(built))
+    return built
 
 
 def available(channels: int = 2, heads: int = 1) -> bool:
@@ -143,13 +158,13 @@ class _NativeFunction(torch.autograd.Function):
         tables = [plan.kernel.contiguous(), plan.centre.contiguous()]  # float64, what C reads
         with torch.autocast("cpu", enabled=False):
             x32 = x.detach().to(f32).contiguous()
-            mask = None if mask is None else mask.contiguous()
+            mask = None if mask is None else mask.to(torch.bool).contiguous()  # C reads it as bytes 0/1
             arguments = _Params(B, T, C, num_heads, plan.width, plan.dmin,
                                 *[_pointer(t) for t in (*tables, *params)], eps, torch.get_num_threads())
             y = torch.empty_like(x32)
             stats = x32.new_empty(B, T, num_heads + 2)
-            _check(library(C, num_heads).dtn_forward(ctypes.byref(arguments), _pointer(x32), _pointer(mask), _pointer(y),
-                                         _pointer(stats)))
+            _check(library(C, num_heads).dtn_forward(ctypes.byref(arguments), _pointer(x32), _pointer(mask),
+                                                     _pointer(y), _pointer(stats)))
         ctx.save_for_backward(x32, stats, pos_bias, *params, *tables, *(() if mask is None else (mask,)))
         ctx.arguments, ctx.x_dtype = arguments, x.dtype
         return y.to(x.dtype)
@@ -164,7 +179,7 @@ class _NativeFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x32)
         grads = torch.empty(2 * C + 4 * H, dtype=torch.float64)
         _check(library(C, H).dtn_backward(ctypes.byref(arguments), _pointer(x32), _pointer(mask[0] if mask else None),
-                                      _pointer(stats), _pointer(gy), _pointer(grad_x), _pointer(grads)))
+                                          _pointer(stats), _pointer(gy), _pointer(grad_x), _pointer(grads)))
         g_weight, g_bias, g_gate_mean, g_gate_var, g_pos_weight = grads.split([C, C, H, H, 2 * H])
         return (
             grad_x.to(ctx.x_dtype), g_pos_weight.view(H, 2).to(pos_bias.dtype) if ctx.needs_input_grad[1] else None,
