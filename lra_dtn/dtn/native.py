@@ -1,17 +1,19 @@
 """DTN's fused CPU path (``method="native"``, what ``auto`` takes on CPU): two C kernels in ``native.c``.
 
 Why: the eager path (:mod:`lra_dtn.dtn.cpu`) dispatches ~500 PyTorch ops per call. At the ``cpu``
-preset's ListOps shape (B=32, T=101, C=64, H=4) that is 7.7 ms per norm, forward + backward, against
-LayerNorm's 0.5 ms, and a training step twice LayerNorm's. ``native.c`` does the same arithmetic in a
-few passes over each sequence, in cache: one forward, one backward that recomputes the statistics
-(keeping, like LayerNorm, only the input), sequences in parallel on PyTorch's thread count.
+preset's ListOps shape (B=32, T=101, C=64, H=4) that was 6.5-7.7 ms per norm, forward + backward,
+against LayerNorm's 0.4 ms, and a training step 1.8-1.9 times LayerNorm's. ``native.c`` does the same
+arithmetic in a few passes over each sequence, in cache: one forward, one backward that recomputes the
+banded sums (keeping, like LayerNorm, only the input and per-token statistics), sequences in parallel on
+PyTorch's thread count: 2.0-2.3 ms per norm and a step 1.25 times LayerNorm's
+(``python -m benchmarks.norms --small-model --threads 1``).
 
 Built on first use with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``), one
 library per channel count and head count (compile-time constants there: every loop over a token's
 channels has a known length), into a cache folder (``$LRA_DTN_CACHE``, else ``$XDG_CACHE_HOME/lra_dtn``
 or ``~/.cache/lra_dtn``), keyed by the source, the flags, the compiler and the CPU, and written atomically
-so concurrent processes (DDP ranks) never load a half-written library. It links the OpenMP runtime PyTorch has already loaded (same
-``libgomp.so.1``), so there is one thread pool, not two.
+so concurrent processes (DDP ranks) never load a half-written library. It links the OpenMP runtime
+PyTorch has already loaded (same ``libgomp.so.1``), so there is one thread pool, not two.
 
 What it serves: the plans that the eager path would convolve directly with no exact rows
 (:func:`lra_dtn.dtn.cpu.make_plan`): the kernel's support is a band of offsets every real token
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lra_dtn.dtn import cpu
 from lra_dtn.dtn.module import DEVICE_PATHS, PATHS
@@ -170,6 +173,7 @@ class _NativeFunction(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # the C backward is not itself differentiable: a double backward raises
     def backward(ctx, grad_y):
         x32, stats, pos_bias, gate_mean, gate_var, weight, bias, _, _, *mask = ctx.saved_tensors
         arguments = ctx.arguments
