@@ -12,6 +12,8 @@ from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm, cpu, local_offset
 from lra_dtn.dtn.reference import dense_reference, reference, reference_gradients
 from lra_dtn.norms import NORMS, InstanceNorm, Norm, build_norm
 
+#: ``auto`` is the native path on CPU (the C kernels, or the eager path for the plans they leave to it);
+#: test_dtn_native.py holds it to the reference in detail, and records which engine ran.
 METHODS = ("conv", "fft", "auto")
 
 
@@ -101,8 +103,9 @@ def test_long_sequences_match_the_reference() -> None:
         assert relative_error(norm(x, mask), dense_reference(norm, x, mask), mask) < 1e-5
 
 
-def test_dtn_var_keeps_the_layernorm_mean() -> None:
-    norm = randomised(DynamicTokenVarNorm(16, 2), 0.5, -0.3)
+@pytest.mark.parametrize("method", ("conv", "auto"))
+def test_dtn_var_keeps_the_layernorm_mean(method: str) -> None:
+    norm = randomised(DynamicTokenVarNorm(16, 2, method=method), 0.5, -0.3)
     assert norm.gate_mean is None and NORMS.get("dtn_var") is DynamicTokenVarNorm
     x = torch.randn(2, 30, 16)
     mask = torch.arange(30)[None] < torch.tensor([[30], [11]])
@@ -145,7 +148,7 @@ def test_gradcheck_float64(method: str, w1: float, w2: float, mask_kind: str, on
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), *leaves), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("method", ("conv", "fft"))
+@pytest.mark.parametrize("method", ("conv", "fft", "native"))
 def test_float32_gradients_match_the_reference(method: str, small_chunks) -> None:
     norm = randomised(DynamicTokenNorm(16, 4, method=method), 0.2, -0.05, seed=5)
     x = torch.randn(3, 40, 16)
@@ -224,10 +227,11 @@ def test_a_collapsed_upward_kernel_gets_its_true_pos_proj_gradient(length: int, 
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_bf16_autocast_gradients_match_the_dense_reference() -> None:
+@pytest.mark.parametrize("method", ("conv", "auto"))
+def test_bf16_autocast_gradients_match_the_dense_reference(method: str) -> None:
     """bf16 tokens and output gradients, float32 statistics: the parameter gradients are float32-exact
     (bf16 inputs are exact in float32); the input gradient comes back in bf16 (rounding ~4e-3)."""
-    norm = randomised(DynamicTokenNorm(32, 4), 0.1, -0.01, seed=2)
+    norm = randomised(DynamicTokenNorm(32, 4, method=method), 0.1, -0.01, seed=2)
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(2, 64, 32, generator=g) + 0.3).bfloat16()
     grad_y = torch.randn(2, 64, 32, generator=g).bfloat16()
@@ -236,8 +240,9 @@ def test_bf16_autocast_gradients_match_the_dense_reference() -> None:
     assert errors.pop("x") < 1e-2 and max(errors.values()) < 1e-5, errors
 
 
-def test_a_second_backward_recomputes_the_same_gradients() -> None:
-    norm = randomised(DynamicTokenNorm(16, 4), 0.5, -0.2)
+@pytest.mark.parametrize("method", ("conv", "auto"))
+def test_a_second_backward_recomputes_the_same_gradients(method: str) -> None:
+    norm = randomised(DynamicTokenNorm(16, 4, method=method), 0.5, -0.2)
     x = torch.randn(2, 30, 16, requires_grad=True)
     y = norm(x, torch.arange(30)[None] < torch.tensor([[30], [12]]))
     first = torch.autograd.grad(y.square().sum(), [x, *norm.parameters()], retain_graph=True)
@@ -253,7 +258,7 @@ def rms_prescaled(x: torch.Tensor, heads: int, eps: float = 1e-5) -> torch.Tenso
     return (xh / torch.sqrt(xh.square().mean(-1, keepdim=True) + eps)).reshape(B, T, C)
 
 
-@pytest.mark.parametrize("method", ("conv", "fft"))
+@pytest.mark.parametrize("method", ("conv", "fft", "native"))
 def test_gates_at_plus_infinity_give_layernorm_of_the_prescaled_input(method: str) -> None:
     norm = randomised(DynamicTokenNorm(32, 4, method=method), 0.7, -0.4)
     with torch.no_grad():
@@ -269,7 +274,7 @@ def test_gates_at_plus_infinity_give_layernorm_of_the_prescaled_input(method: st
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ("conv", "fft"))
+@pytest.mark.parametrize("method", ("conv", "fft", "native"))
 def test_flat_kernel_and_gates_at_minus_infinity_give_masked_instance_norm(method: str) -> None:
     norm = DynamicTokenNorm(32, 4, method=method)
     instance = InstanceNorm(32, 4)
@@ -286,7 +291,7 @@ def test_flat_kernel_and_gates_at_minus_infinity_give_masked_instance_norm(metho
     torch.testing.assert_close(norm(x, mask) * real, expected * real, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ("conv", "fft"))
+@pytest.mark.parametrize("method", ("conv", "fft", "native"))
 def test_padding_never_reaches_real_tokens(method: str, small_chunks) -> None:
     norm = randomised(DynamicTokenNorm(16, 4, method=method), 0.4, -0.01, seed=7)
     x = torch.randn(2, 30, 16, requires_grad=True)
@@ -306,9 +311,10 @@ def test_padding_never_reaches_real_tokens(method: str, small_chunks) -> None:
     assert (padded.grad[:, 30:] == 0).all()  # the extra padding influences nothing
 
 
-def test_no_nan_at_the_extremes() -> None:
+@pytest.mark.parametrize("method", ("conv", "auto"))
+def test_no_nan_at_the_extremes(method: str) -> None:
     for w1, w2 in [(0.0, -1e4), (1e4, -1e-3), (-5e3, -20.0), (50.0, 0.0), (0.0, 5.0), (-40.0, 1.0), (0.0, 0.0)]:
-        norm = randomised(DynamicTokenNorm(16, 4), w1, w2)
+        norm = randomised(DynamicTokenNorm(16, 4, method=method), w1, w2)
         for length in (1, 2, 300):
             x = torch.randn(3, length, 16, requires_grad=True)
             mask = torch.zeros(3, length, dtype=torch.bool)
@@ -320,8 +326,9 @@ def test_no_nan_at_the_extremes() -> None:
             assert all(torch.isfinite(p.grad).all() for p in norm.parameters()), (w1, w2, length)
 
 
-def test_bf16_autocast_computes_statistics_in_float32() -> None:
-    norm = randomised(DynamicTokenNorm(32, 4), 0.1, -0.01)
+@pytest.mark.parametrize("method", ("conv", "auto"))
+def test_bf16_autocast_computes_statistics_in_float32(method: str) -> None:
+    norm = randomised(DynamicTokenNorm(32, 4, method=method), 0.1, -0.01)
     x = (torch.randn(2, 64, 32) * 0.5 + 20).bfloat16()  # large mean, small spread: E[x^2] - E[x]^2 cancels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = norm(x)
@@ -376,10 +383,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("method", ("conv", "auto"))
 @pytest.mark.parametrize("kernel", [None, (0.0, -1e-4)])
-def test_never_materialises_a_batch_head_token_token_tensor(kernel) -> None:
+def test_never_materialises_a_batch_head_token_token_tensor(kernel, method: str) -> None:
     B, T, C, H = 2, 512, 16, 4
-    norm = DynamicTokenNorm(C, H)
+    norm = DynamicTokenNorm(C, H, method=method)
     if kernel is not None:
         randomised(norm, *kernel)
     x = torch.randn(B, T, C, requires_grad=True)
