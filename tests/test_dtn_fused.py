@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("triton", minversion="3.9", reason="the fused DTN tests need triton >= 3.9: pip install '.[gpu]'")
 
 from lra_dtn.dtn import PATHS, DynamicTokenNorm, fused  # noqa: E402
+from lra_dtn.dtn.module import DEVICE_PATHS  # noqa: E402
 from lra_dtn.dtn.reference import dense_reference, reference, reference_gradients  # noqa: E402
 from test_dtn import KERNELS, randomised  # noqa: E402
 
@@ -138,15 +139,16 @@ def test_no_host_synchronisation_in_forward_and_backward(monkeypatch) -> None:
 
 
 def test_auto_takes_the_fused_path_for_cuda_tensors_only(monkeypatch) -> None:
-    """``auto`` dispatches on the tensor's device: CUDA -> fused (registered with triton installed)."""
-    assert PATHS.get("fused") is fused.normalize
+    """``auto`` dispatches on the tensor's device (``DEVICE_PATHS``): CUDA -> fused (registered with triton
+    installed); CPU tensors take the CPU path (test_dtn_native.py)."""
+    assert PATHS.get("fused") is fused.normalize and DEVICE_PATHS["cuda"] is fused.normalize
     calls = []
-    monkeypatch.setitem(PATHS._entries, "fused", lambda norm, x, mask: calls.append(x) or "fused")
+    monkeypatch.setitem(DEVICE_PATHS, "cuda", lambda norm, x, mask: calls.append(x) or "fused")
     norm = DynamicTokenNorm(8, 2)
-    cuda_like = SimpleNamespace(is_cuda=True)
+    cuda_like = SimpleNamespace(device=torch.device("cuda"))
     assert PATHS.get("auto")(norm, cuda_like, None) == "fused" and calls == [cuda_like]
     assert torch.isfinite(norm(torch.randn(1, 5, 8))).all()
-    assert calls == [cuda_like]  # a CPU tensor took the eager path
+    assert calls == [cuda_like]  # a CPU tensor did not take the fused path
 
 
 def test_fused_refuses_cpu_tensors_without_the_interpreter(monkeypatch) -> None:

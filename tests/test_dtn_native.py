@@ -15,19 +15,21 @@ import dataclasses
 import math
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
 
+from lra_dtn.config import Preset
 from lra_dtn.dtn import DynamicTokenNorm, DynamicTokenVarNorm, cpu, native
 from lra_dtn.dtn.module import PATHS
 from lra_dtn.dtn.reference import dense_reference, reference_gradients
+from models import build_model
+from tasks import TASKS
 from test_dtn import masks, randomised
 
 #: (w1, w2) of logit = w1 * d + w2 * d^2 (jittered 10% per head by ``randomised``), at T = 61: the ones the
-#: C kernels serve. Widths (offsets of the band) at C = 24, H = 4: init 13, sharp 1, shifted 17, wide and
-#: flat 121 (every offset of the sequence), linear and upward 121 with the peak at the band's end.
+#: C kernels serve. Bands (offsets) at seed 3: init 13, sharp 1, shifted 21 (-2 ... 18), wide and flat 121
+#: (every offset of the sequence), linear 117 and upward 121 with their peaks at the band's end.
 NATIVE_KERNELS = {
     "init": None,
     "sharp": (0.0, -40.0),
@@ -49,6 +51,8 @@ EAGER_KERNELS = {
 
 
 def compiler_found() -> bool:
+    """Whether native.library will find a compiler (without one, ``auto`` is the eager path, tested in
+    test_dtn.py, and only the build-failure tests below apply)."""
     return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
 
@@ -61,7 +65,6 @@ def engines(monkeypatch) -> list[str]:
     (:func:`lra_dtn.dtn.cpu.normalize`, where ``native`` leaves a call)."""
     if not compiler_found():
         pytest.skip("no C compiler: the native path cannot be built")
-    native.library()  # built (or loaded) before anything is timed or recorded
     calls: list[str] = []
     eager, kernels = cpu.normalize, native._NativeFunction.apply
     monkeypatch.setattr(cpu, "normalize", lambda *args, **kwargs: calls.append("eager") or eager(*args, **kwargs))
@@ -123,7 +126,7 @@ def tokens(batch: int, length: int, channels: int, seed: int = 0) -> torch.Tenso
 
 
 def served(norm: DynamicTokenNorm, length: int, dtype: torch.dtype = torch.float32) -> bool:
-    return native.serves(cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32), dtype)
+    return native.serves(cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32), dtype, norm.dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +159,16 @@ def test_a_kernel_so_wide_that_fft_wins_falls_back_to_the_eager_path(engines) ->
     assert cpu.make_plan(norm.pos_proj.weight, 1024, "auto", torch.float32).method == "fft"
     mask = torch.arange(1024)[None] < torch.tensor([[1024], [700]])
     compare(norm, tokens(2, 1024, 8), mask)
+    assert engines == ["eager"]
+
+
+def test_a_kernel_wider_than_the_c_tables_take_falls_back_to_the_eager_path(engines) -> None:
+    """A band of more than ``MAX_TABLE`` offsets x channels: the eager depthwise convolution is faster."""
+    length = native.MAX_TABLE // (2 * 24) + 10  # a flat kernel: 2 T - 1 offsets
+    norm = module((0.0, 0.0), seed=2, method="native")
+    plan = cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
+    assert plan.method == "conv" and not plan.far and plan.width * 24 > native.MAX_TABLE
+    compare(norm, tokens(2, length, 24, seed=2), torch.arange(length)[None] < torch.tensor([[length], [100]]))
     assert engines == ["eager"]
 
 
@@ -219,11 +232,12 @@ def test_one_and_two_token_sequences(length: int, engines) -> None:
         assert engines == [engine] * 2, kernel
 
 
-@pytest.mark.parametrize("channels, heads", [(24, 4), (40, 2), (6, 3), (2, 1), (96, 8)])
+@pytest.mark.parametrize("channels, heads", [(24, 4), (40, 2), (51, 3), (6, 3), (2, 1), (96, 8)])
 def test_channel_counts_with_and_without_a_partial_vector_block(channels: int, heads: int, engines) -> None:
-    """The kernels work on blocks of 32 (forward) and 16 (backward) channels, then the rest: 24 = 0 + 24 and
-    16 + 8, 40 = 32 + 8 and 2 x 16 + 8, 6 and 2 only a rest (2: one head of 2 channels, the least DTN
-    takes), 96 whole blocks; head widths 6, 20, 2, 2, 12."""
+    """The kernels (one build per channel and head count) work on blocks of 32 (forward) and 16 (backward)
+    channels, then the rest: 24 = 0 + 24 and 16 + 8, 40 = 32 + 8 and 2 x 16 + 8, 51 = 32 + 19 and 3 x 16 + 3,
+    6 and 2 only a rest (2: one head of 2 channels, the least DTN takes), 96 whole blocks; head widths 6,
+    20, 17, 2, 2, 12."""
     norm = module((0.3, -0.05), seed=channels, channels=channels, heads=heads, method="native")
     x = tokens(2, 37, channels, seed=channels)
     compare(norm, x, torch.arange(37)[None] < torch.tensor([[37], [20]]))
@@ -348,7 +362,7 @@ def test_without_a_working_compiler_native_raises_and_auto_warns_and_stays_exact
     mask = torch.arange(30)[None] < torch.tensor([[30], [11]])
     with pytest.raises(native.NativeUnavailable, match=message):
         norm(x, mask)
-    assert not native.available()
+    assert not native.available(24, 4)
     norm.method = "auto"
     with pytest.warns(UserWarning, match="C kernels are unavailable, using the eager path"):
         y = norm(x, mask)
@@ -358,12 +372,11 @@ def test_without_a_working_compiler_native_raises_and_auto_warns_and_stays_exact
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # nothing half-written left behind
 
 
+@needs_compiler
 def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fresh_cache, monkeypatch) -> None:
-    if not compiler_found():
-        pytest.skip("no C compiler")
-    native.library()
+    native.library(24, 4)
     (built,) = fresh_cache.iterdir()  # exactly one file: no temporary left beside it
-    assert built.name.startswith("dtn-") and built.suffix == ".so"
+    assert built.name.startswith("dtn-c24-h4-") and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
     native.library.cache_clear()  # as a new process would
     commands = []
@@ -376,23 +389,23 @@ def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fr
     assert list(fresh_cache.iterdir()) == [built] and built.stat().st_mtime_ns == stamp
 
 
+@needs_compiler
 def test_the_library_is_rebuilt_when_the_compiler_flags_change(fresh_cache, monkeypatch) -> None:
     """A library built with other flags is another library: a cache keyed without some flag would keep
     loading the old build after that flag changed."""
-    if not compiler_found():
-        pytest.skip("no C compiler")
-    native.library()
+    native.library(24, 4)
     first = set(fresh_cache.iterdir())
     native.library.cache_clear()
     monkeypatch.setattr(native, "COMMON_FLAGS", [*native.COMMON_FLAGS, "-DLRA_DTN_TEST_FLAG"])
-    native.library()
+    native.library(24, 4)
     assert len(set(fresh_cache.iterdir()) - first) == 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Conditioning, and the mask's dtype
+# Conditioning
 
 
+@needs_compiler
 @pytest.mark.parametrize("method", ["conv", "native"])
 @pytest.mark.parametrize("kernel, mask_kind", [((0.0, -40.0), "none"), ((0.0, 0.0), "one")])
 def test_a_token_that_is_its_own_only_source_is_exactly_centred(kernel, mask_kind: str, method: str) -> None:
@@ -418,8 +431,8 @@ def test_a_token_that_is_its_own_only_source_is_exactly_centred(kernel, mask_kin
 
 
 MASK_DEFECT = pytest.mark.xfail(strict=True, reason=(
-    "native.py hands the mask's memory to C, which reads it as bytes: an int64 or float mask gives wrong numbers "
-    "(reported to the lead; fix: mask.to(torch.bool) before the call)"))
+    "defect: native.py hands the mask's memory to C, which reads it as bytes, so an int64 or float mask gives "
+    "wrong numbers (fix: mask.to(torch.bool) before the call)"))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, pytest.param(torch.int64, marks=MASK_DEFECT),
@@ -440,10 +453,6 @@ def test_a_zero_one_mask_of_any_dtype_means_what_the_boolean_one_does(dtype: tor
 def test_a_model_trains_the_same_on_the_native_and_on_the_eager_path(engines) -> None:
     """The smoke ListOps Transformer with DTN (no dropout), a few Adam steps on one padded batch: ``auto``
     (native on CPU) and every DTN forced to the eager ``conv`` give the same losses, and they go down."""
-    from lra_dtn.config import Preset
-    from models import build_model
-    from tasks import TASKS
-
     cfg = dataclasses.replace(TASKS.get("listops")().spec(Preset.smoke, "transformer")[0], dropout=0.0,
                               attn_dropout=0.0)
     torch.manual_seed(0)
