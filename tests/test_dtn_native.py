@@ -5,8 +5,8 @@ Each case also asserts *which* code computed it (the ``engines`` fixture records
 :func:`lra_dtn.dtn.native.serves` must go through the C kernels, and one it leaves to the eager path
 (far-peaked, so wide that FFT wins, float64 input, no working compiler) must go there and still be
 exact. The cases where the compiler fails build into a fresh cache folder with a fake ``CC``. Shapes are
-small; the channel counts are chosen so that the kernels' vector blocks (32 and 16 channels) end in a
-partial block.
+small, but long and wide enough to cross the kernels' blocks of tokens, channels and offsets, and end in
+partial ones.
 """
 from __future__ import annotations
 
@@ -27,19 +27,22 @@ from models import build_model
 from tasks import TASKS
 from test_dtn import masks, randomised
 
-#: (w1, w2) of logit = w1 * d + w2 * d^2 (jittered 10% per head by ``randomised``), at T = 61: the ones the
-#: C kernels serve. Bands (offsets) at seed 3: init 13, sharp 1, shifted 21 (-2 ... 18), wide and flat 121
-#: (every offset of the sequence), linear 117 and upward 121 with their peaks at the band's end.
+#: The matrix's length: more than two of the kernels' sweeps of 64 tokens, the last one partial.
+LENGTH = 150
+#: (w1, w2) of logit = w1 * d + w2 * d^2 (jittered 10% per head by ``randomised``), at T = LENGTH: the ones
+#: the C kernels serve. Bands (offsets) at seed 3: init 13, sharp 1, shifted 23 (-3 ... 19), wide 241, flat
+#: 299 (every offset of the sequence), linear 296 and upward 299 with their peaks at the band's end; none a
+#: whole number of the kernels' blocks of 4 or 8 offsets but the sharp one.
 NATIVE_KERNELS = {
     "init": None,
     "sharp": (0.0, -40.0),
     "shifted": (8.0, -0.5),  # peak at d = 8, 32 nats above d = 0: within reach of every token
     "wide": (0.0, -2e-3),
     "flat": (0.0, 0.0),
-    "linear": (0.5, 0.0),  # w2 = 0: the weights grow across the whole sequence, ~30 nats
-    "upward": (0.0, 0.005),  # curving upward, ~18 nats: still every token reaches its peak
+    "linear": (0.2, 0.0),  # w2 = 0: the weights grow across the whole sequence, ~30 nats
+    "upward": (0.0, 0.001),  # curving upward, ~23 nats: still every token reaches its peak
 }
-#: The same form, left to the eager path at T = 61: some head peaks more than DYNAMIC_RANGE above d = 0.
+#: The same form, left to the eager path at T = LENGTH: some head peaks more than DYNAMIC_RANGE above d = 0.
 EAGER_KERNELS = {
     "far-shifted": (2000.0, -4.0),
     "shifted-out": (30.0, -1.0),  # peak at d = 15, 225 nats above d = 0
@@ -126,7 +129,7 @@ def tokens(batch: int, length: int, channels: int, seed: int = 0) -> torch.Tenso
 
 
 def served(norm: DynamicTokenNorm, length: int, dtype: torch.dtype = torch.float32) -> bool:
-    return native.serves(cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32), dtype, norm.dim)
+    return native.serves(cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32), dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,9 +140,9 @@ def served(norm: DynamicTokenNorm, length: int, dtype: torch.dtype = torch.float
 @pytest.mark.parametrize("kernel", list(NATIVE_KERNELS))
 def test_served_kernels_run_in_c_and_match_the_reference(kernel: str, method: str, engines) -> None:
     norm = module(NATIVE_KERNELS[kernel], seed=3, method=method)
-    assert served(norm, 61)
-    x = tokens(3, 61, 24)
-    for name, mask in masks(3, 61, seed=3).items():
+    assert served(norm, LENGTH)
+    x = tokens(3, LENGTH, 24)
+    for mask in masks(3, LENGTH, seed=3).values():
         compare(norm, x, mask)
     assert engines == ["native"] * 4
 
@@ -147,9 +150,9 @@ def test_served_kernels_run_in_c_and_match_the_reference(kernel: str, method: st
 @pytest.mark.parametrize("kernel", list(EAGER_KERNELS))
 def test_far_peaked_kernels_fall_back_to_the_eager_path(kernel: str, engines) -> None:
     norm = module(EAGER_KERNELS[kernel], seed=3, method="native")
-    assert cpu.make_plan(norm.pos_proj.weight, 61, "auto", torch.float32).far
-    x = tokens(3, 61, 24)
-    for mask in masks(3, 61, seed=3).values():
+    assert cpu.make_plan(norm.pos_proj.weight, LENGTH, "auto", torch.float32).far
+    x = tokens(3, LENGTH, 24)
+    for mask in masks(3, LENGTH, seed=3).values():
         compare(norm, x, mask)
     assert engines == ["eager"] * 4
 
@@ -162,14 +165,13 @@ def test_a_kernel_so_wide_that_fft_wins_falls_back_to_the_eager_path(engines) ->
     assert engines == ["eager"]
 
 
-def test_a_kernel_wider_than_the_c_tables_take_falls_back_to_the_eager_path(engines) -> None:
-    """A band of more than ``MAX_TABLE`` offsets x channels: the eager depthwise convolution is faster."""
-    length = native.MAX_TABLE // (2 * 24) + 10  # a flat kernel: 2 T - 1 offsets
+def test_the_widest_band_short_of_fft_runs_in_c(engines) -> None:
+    """A flat kernel at T = 300: 599 offsets, just below where the eager path would take FFT."""
     norm = module((0.0, 0.0), seed=2, method="native")
-    plan = cpu.make_plan(norm.pos_proj.weight, length, "auto", torch.float32)
-    assert plan.method == "conv" and not plan.far and plan.width * 24 > native.MAX_TABLE
-    compare(norm, tokens(2, length, 24, seed=2), torch.arange(length)[None] < torch.tensor([[length], [100]]))
-    assert engines == ["eager"]
+    plan = cpu.make_plan(norm.pos_proj.weight, 300, "auto", torch.float32)
+    assert plan.method == "conv" and plan.width == 599
+    compare(norm, tokens(2, 300, 24, seed=2), torch.arange(300)[None] < torch.tensor([[300], [100]]))
+    assert engines == ["native"]
 
 
 def test_no_mask_and_an_all_true_mask_give_identical_results(engines) -> None:
@@ -234,14 +236,14 @@ def test_one_and_two_token_sequences(length: int, engines) -> None:
 
 @pytest.mark.parametrize("channels, heads", [(24, 4), (40, 2), (51, 3), (6, 3), (2, 1), (96, 8)])
 def test_channel_counts_with_and_without_a_partial_vector_block(channels: int, heads: int, engines) -> None:
-    """The kernels (one build per channel and head count) work on blocks of 32 (forward) and 16 (backward)
-    channels, then the rest: 24 = 0 + 24 and 16 + 8, 40 = 32 + 8 and 2 x 16 + 8, 51 = 32 + 19 and 3 x 16 + 3,
-    6 and 2 only a rest (2: one head of 2 channels, the least DTN takes), 96 whole blocks; head widths 6,
-    20, 17, 2, 2, 12."""
+    """One build per channel and head count, whose loops run over blocks of 8 or 16 channels (AVX2 or
+    AVX-512), padded: 24, 40 and 51 end in a partial block, 6 and 2 are less than one (2: one head of 2
+    channels, the least DTN takes), 96 is whole blocks; head widths 6, 20, 17, 2, 2, 12. T = 100: a sweep
+    of 64 tokens and a partial one."""
     norm = module((0.3, -0.05), seed=channels, channels=channels, heads=heads, method="native")
-    x = tokens(2, 37, channels, seed=channels)
-    compare(norm, x, torch.arange(37)[None] < torch.tensor([[37], [20]]))
-    compare(norm, x, torch.rand(2, 37, generator=torch.Generator().manual_seed(channels)) < 0.6)
+    x = tokens(2, 100, channels, seed=channels)
+    compare(norm, x, torch.arange(100)[None] < torch.tensor([[100], [70]]))
+    compare(norm, x, torch.rand(2, 100, generator=torch.Generator().manual_seed(channels)) < 0.6)
     assert engines == ["native"] * 2
 
 
@@ -310,10 +312,10 @@ def test_float64_inputs_keep_float64_statistics_on_the_eager_path(engines) -> No
 def test_the_numbers_do_not_depend_on_the_thread_count(engines) -> None:
     """Sequences are split between threads and each writes its own row of parameter gradients, summed in
     batch order: 1 or 2 threads, forward and backward on either, give the same bits."""
-    norm = module((0.0, -2e-3), seed=9, channels=40, heads=2)  # wide: 121 offsets
-    x = tokens(5, 61, 40, seed=9)
-    mask = masks(5, 61, seed=9)["scattered"]
-    grad_y = torch.randn(5, 61, 40, generator=torch.Generator().manual_seed(9))
+    norm = module((0.0, -2e-3), seed=9, channels=40, heads=2)  # wide: 241 offsets
+    x = tokens(5, LENGTH, 40, seed=9)
+    mask = masks(5, LENGTH, seed=9)["scattered"]
+    grad_y = torch.randn(5, LENGTH, 40, generator=torch.Generator().manual_seed(9))
     before = torch.get_num_threads()
 
     def run(forward_threads: int, backward_threads: int) -> list[torch.Tensor]:
