@@ -10,6 +10,7 @@ partial ones.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import math
@@ -333,6 +334,25 @@ def test_the_numbers_do_not_depend_on_the_thread_count(engines) -> None:
     finally:
         torch.set_num_threads(before)
     assert engines == ["native"] * 4
+
+
+def test_concurrent_calls_from_two_threads_give_each_its_own_numbers(engines) -> None:
+    """Each calling thread has its own workspace (reused from call to call): two Python threads running
+    forward + backward at the same time, on different shapes, get what they get alone."""
+    cases = [(module((0.3, -0.05), seed=seed), tokens(4, length, 24, seed=seed)) for seed, length in ((0, 600), (1, 500))]
+
+    def run(norm: DynamicTokenNorm, x: torch.Tensor) -> list[torch.Tensor]:
+        leaf = x.clone().requires_grad_()
+        y = norm(leaf, None)
+        return [y, *torch.autograd.grad(y.square().sum(), [leaf, *norm.parameters()])]
+
+    expected = [run(*case) for case in cases]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(lambda case=case: [run(*case) for _ in range(5)]) for case in cases]
+        for future, want in zip(futures, expected):
+            for got in future.result():
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert engines.count("native") == 12
 
 
 # --------------------------------------------------------------------------------------------------
