@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -394,6 +395,29 @@ def test_without_a_working_compiler_native_raises_and_auto_warns_and_stays_exact
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # nothing half-written left behind
 
 
+RETRY_DEFECT = pytest.mark.xfail(strict=True, reason=(
+    "defect: native.library caches only successes (functools.cache), so every DTN call after a failed build "
+    "runs the compiler again (--version and 3 compilations per call)"))
+
+
+@RETRY_DEFECT
+def test_a_failed_build_is_not_retried_on_every_call(fresh_cache, monkeypatch, tmp_path) -> None:
+    """Where the kernels cannot be built, ``auto`` falls back to the eager path at the eager path's cost:
+    the compiler is not run again on the next call (a training step makes one call per norm)."""
+    monkeypatch.setenv("CC", failing_compiler("fails", tmp_path))
+    norm = module((0.3, -0.05), seed=1)
+    x = tokens(2, 30, 24, seed=1)
+    with pytest.warns(UserWarning, match="unavailable"):
+        norm(x)
+    commands = []
+    run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda command, **kw: commands.append(command) or run(command, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        norm(x)
+    assert commands == []
+
+
 @needs_compiler
 def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fresh_cache, monkeypatch) -> None:
     native.library(24, 4)
@@ -412,6 +436,8 @@ def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fr
 
 
 @needs_compiler
+@pytest.mark.xfail(strict=True, reason="defect: the cache key hashes the source, the compiler's version, the "
+                   "optimisation flags and the CPU, not COMMON_FLAGS")
 def test_the_library_is_rebuilt_when_the_compiler_flags_change(fresh_cache, monkeypatch) -> None:
     """A library built with other flags is another library: a cache keyed without some flag would keep
     loading the old build after that flag changed."""
@@ -427,8 +453,13 @@ def test_the_library_is_rebuilt_when_the_compiler_flags_change(fresh_cache, monk
 # Conditioning
 
 
+CONTRACTION_DEFECT = pytest.mark.xfail(strict=True, reason=(
+    "defect: native.c is built with -ffp-contract=fast, which turns r * x - mu into fma(r, x, -mu): the unrounded "
+    "xs minus a mean made of the rounded one (exact with -ffp-contract=off)"))
+
+
 @needs_compiler
-@pytest.mark.parametrize("method", ["conv", "native"])
+@pytest.mark.parametrize("method", ["conv", pytest.param("native", marks=CONTRACTION_DEFECT)])
 @pytest.mark.parametrize("kernel, mask_kind", [((0.0, -40.0), "none"), ((0.0, 0.0), "one")])
 def test_a_token_that_is_its_own_only_source_is_exactly_centred(kernel, mask_kind: str, method: str) -> None:
     """Gates at -inf (only the inter-token statistics) and a token whose window holds only itself (a sharp
