@@ -360,6 +360,11 @@ def test_concurrent_calls_from_two_threads_give_each_its_own_numbers(engines) ->
 # 6. Building the kernels
 
 
+def test_native_refuses_tensors_off_the_cpu() -> None:
+    with pytest.raises(RuntimeError, match="runs on CPU tensors; got a meta tensor"):
+        DynamicTokenNorm(8, 2, method="native")(torch.empty(1, 5, 8, device="meta"))
+
+
 def failing_compiler(kind: str, folder) -> str:
     """``CC`` for a compiler that does not work: one that answers ``--version`` and then fails every
     compilation, one that fails even that (``false``), one that does not exist."""
