@@ -275,9 +275,7 @@ def test_gates_at_plus_infinity_give_layernorm_of_the_prescaled_input(method: st
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ("conv", "fft", pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=(
-    "defect of the native path: -ffp-contract=fast, see test_dtn_native's "
-    "test_a_token_that_is_its_own_only_source_is_exactly_centred")))))
+@pytest.mark.parametrize("method", ("conv", "fft", "auto"))
 def test_flat_kernel_and_gates_at_minus_infinity_give_masked_instance_norm(method: str) -> None:
     norm = DynamicTokenNorm(32, 4, method=method)
     instance = InstanceNorm(32, 4)

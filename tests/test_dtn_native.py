@@ -56,7 +56,7 @@ EAGER_KERNELS = {
 
 
 def compiler_found() -> bool:
-    """Whether native.library will find a compiler (without one, ``auto`` is the eager path, tested in
+    """Whether native.build will find a compiler (without one, ``auto`` is the eager path, tested in
     test_dtn.py, and only the build-failure tests below apply)."""
     return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
@@ -81,9 +81,9 @@ def engines(monkeypatch) -> list[str]:
 def fresh_cache(monkeypatch, tmp_path):
     """An empty ``LRA_DTN_CACHE`` and no loaded library; afterwards the next call loads the usual one."""
     monkeypatch.setenv("LRA_DTN_CACHE", str(tmp_path / "cache"))
-    native.library.cache_clear()
+    native.build.cache_clear()
     yield tmp_path / "cache"
-    native.library.cache_clear()
+    native.build.cache_clear()
 
 
 def compare(norm: DynamicTokenNorm, x: torch.Tensor, mask: torch.Tensor | None, tol: float = 1e-5) -> None:
@@ -360,6 +360,16 @@ def test_concurrent_calls_from_two_threads_give_each_its_own_numbers(engines) ->
 # 6. Building the kernels
 
 
+def test_a_double_backward_raises_instead_of_going_wrong(engines) -> None:
+    """The C backward is not itself differentiable: a second-order gradient is an error, not a silent 0."""
+    norm = module((0.3, -0.05), seed=1)
+    x = tokens(2, 30, 24, seed=1).requires_grad_()
+    (grad_x,) = torch.autograd.grad(norm(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+    assert engines == ["native"]
+
+
 def test_native_refuses_tensors_off_the_cpu() -> None:
     with pytest.raises(RuntimeError, match="runs on CPU tensors; got a meta tensor"):
         DynamicTokenNorm(8, 2, method="native")(torch.empty(1, 5, 8, device="meta"))
@@ -400,12 +410,6 @@ def test_without_a_working_compiler_native_raises_and_auto_warns_and_stays_exact
     assert not fresh_cache.exists() or not any(fresh_cache.iterdir())  # nothing half-written left behind
 
 
-RETRY_DEFECT = pytest.mark.xfail(strict=True, reason=(
-    "defect: native.library caches only successes (functools.cache), so every DTN call after a failed build "
-    "runs the compiler again (--version and 3 compilations per call)"))
-
-
-@RETRY_DEFECT
 def test_a_failed_build_is_not_retried_on_every_call(fresh_cache, monkeypatch, tmp_path) -> None:
     """Where the kernels cannot be built, ``auto`` falls back to the eager path at the eager path's cost:
     the compiler is not run again on the next call (a training step makes one call per norm)."""
@@ -429,7 +433,7 @@ def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fr
     (built,) = fresh_cache.iterdir()  # exactly one file: no temporary left beside it
     assert built.name.startswith("dtn-c24-h4-") and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
-    native.library.cache_clear()  # as a new process would
+    native.build.cache_clear()  # as a new process would
     commands = []
     run = native.subprocess.run
     monkeypatch.setattr(native.subprocess, "run", lambda command, **kw: commands.append(command) or run(command, **kw))
@@ -441,14 +445,12 @@ def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fr
 
 
 @needs_compiler
-@pytest.mark.xfail(strict=True, reason="defect: the cache key hashes the source, the compiler's version, the "
-                   "optimisation flags and the CPU, not COMMON_FLAGS")
 def test_the_library_is_rebuilt_when_the_compiler_flags_change(fresh_cache, monkeypatch) -> None:
     """A library built with other flags is another library: a cache keyed without some flag would keep
     loading the old build after that flag changed."""
     native.library(24, 4)
     first = set(fresh_cache.iterdir())
-    native.library.cache_clear()
+    native.build.cache_clear()
     monkeypatch.setattr(native, "COMMON_FLAGS", [*native.COMMON_FLAGS, "-DLRA_DTN_TEST_FLAG"])
     native.library(24, 4)
     assert len(set(fresh_cache.iterdir()) - first) == 1
@@ -458,13 +460,8 @@ def test_the_library_is_rebuilt_when_the_compiler_flags_change(fresh_cache, monk
 # Conditioning
 
 
-CONTRACTION_DEFECT = pytest.mark.xfail(strict=True, reason=(
-    "defect: native.c is built with -ffp-contract=fast, which turns r * x - mu into fma(r, x, -mu): the unrounded "
-    "xs minus a mean made of the rounded one (exact with -ffp-contract=off)"))
-
-
 @needs_compiler
-@pytest.mark.parametrize("method", ["conv", pytest.param("native", marks=CONTRACTION_DEFECT)])
+@pytest.mark.parametrize("method", ["conv", "native"])
 @pytest.mark.parametrize("kernel, mask_kind", [((0.0, -40.0), "none"), ((0.0, 0.0), "one")])
 def test_a_token_that_is_its_own_only_source_is_exactly_centred(kernel, mask_kind: str, method: str) -> None:
     """Gates at -inf (only the inter-token statistics) and a token whose window holds only itself (a sharp
@@ -488,13 +485,7 @@ def test_a_token_that_is_its_own_only_source_is_exactly_centred(kernel, mask_kin
 # The mask's dtype
 
 
-MASK_DEFECT = pytest.mark.xfail(strict=True, reason=(
-    "defect: native.py hands the mask's memory to C, which reads it as bytes, so an int64 or float mask gives "
-    "wrong numbers (fix: mask.to(torch.bool) before the call)"))
-
-
-@pytest.mark.parametrize("dtype", [torch.uint8, pytest.param(torch.int64, marks=MASK_DEFECT),
-                                   pytest.param(torch.float32, marks=MASK_DEFECT)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
 def test_a_zero_one_mask_of_any_dtype_means_what_the_boolean_one_does(dtype: torch.dtype, engines) -> None:
     """Norms take ``mask`` as "true for real tokens" (lra_dtn/norms.py); the eager path and ``in`` convert it
     with ``mask.to(dtype)``."""
