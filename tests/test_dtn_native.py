@@ -216,8 +216,54 @@ def test_real_tokens_do_not_depend_on_the_padding(kernel: str, engines) -> None:
     assert engines == ["native"] * 2
 
 
+def test_infinite_padding_reaches_no_real_token(engines) -> None:
+    """Padded tokens holding inf or NaN: the real tokens' outputs and gradients are those of finite padding
+    (the C kernels select a pad's values away instead of multiplying them by 0)."""
+    norm = module((0.3, -0.05), seed=4)
+    x = tokens(2, 40, 24, seed=4)
+    mask = torch.arange(40)[None] < torch.tensor([[40], [25]])
+    results = []
+    for pad in (0.0, math.inf, math.nan):
+        leaf = x.masked_fill(~mask[..., None], pad).requires_grad_()
+        y = norm(leaf, mask)
+        grads = torch.autograd.grad((y * mask[..., None]).square().sum(), [leaf, *norm.parameters()])
+        results.append((y[mask], grads[0][mask]))
+    for y, grad_x in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(grad_x, results[0][1])
+    assert engines == ["native"] * 3
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Edge shapes and dtn_var
+
+
+@pytest.mark.parametrize("shape", [(0, 12, 24), (2, 0, 24)])
+@pytest.mark.parametrize("method", ["native", "conv"])
+def test_an_empty_batch_or_sequence_gives_an_empty_output_and_zero_gradients(shape, method: str) -> None:
+    norm = module((0.3, -0.05), seed=1, method=method)
+    x = torch.randn(shape, requires_grad=True)
+    y = norm(x, torch.ones(shape[:2], dtype=torch.bool))
+    assert y.shape == shape
+    y.sum().backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in norm.parameters())
+
+
+@pytest.mark.parametrize("norm_class", [DynamicTokenNorm, DynamicTokenVarNorm])
+def test_non_reentrant_checkpointing_gives_the_plain_gradients(norm_class, engines) -> None:
+    """Under saved-tensor hooks (here: non-reentrant activation checkpointing, which recomputes them) the
+    backward gets new tensors: it must read those, not forward's (they are freed by then)."""
+    norm = norm_class(24, 4, method="native")
+    with torch.no_grad():
+        norm.pos_proj.weight.add_(0.01)
+        norm.gate_var.fill_(0.3)
+    x = tokens(2, 70, 24, seed=5)
+    mask = torch.arange(70)[None] < torch.tensor([[70], [33]])
+    grads = []
+    for run in (lambda v: norm(v, mask), lambda v: torch.utils.checkpoint.checkpoint(norm, v, mask, use_reentrant=False)):
+        leaf = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(run(leaf).square().sum(), [leaf, *(p for p in norm.parameters())]))
+    for plain, checkpointed in zip(*grads):
+        assert torch.equal(plain, checkpointed)
 
 
 @pytest.mark.parametrize("length", [1, 2])
@@ -388,7 +434,7 @@ def failing_compiler(kind: str, folder) -> str:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("fails", r"could not compile native\.c:\n.*broken cc: cannot compile"),
+    ("fails", r"could not build native\.c:\n.*broken cc: cannot compile"),
     ("false", "does not run"),
     ("missing", "does not run"),
 ])
@@ -442,6 +488,15 @@ def test_a_build_writes_one_library_atomically_and_the_next_process_reuses_it(fr
     compare(norm, x, None)
     assert [command[1:] for command in commands] == [["--version"]]  # asked its version, compiled nothing
     assert list(fresh_cache.iterdir()) == [built] and built.stat().st_mtime_ns == stamp
+
+
+@needs_compiler
+def test_a_compiler_command_with_arguments_builds(fresh_cache, monkeypatch) -> None:
+    """``CC`` is a command line (``ccache gcc``, ``gcc -m64``), split as a shell would."""
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -m64")
+    norm = module((0.3, -0.05), seed=1, method="native")
+    compare(norm, tokens(2, 30, 24, seed=1), None)
+    assert len(list(fresh_cache.iterdir())) == 1
 
 
 @needs_compiler

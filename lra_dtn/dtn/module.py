@@ -157,6 +157,8 @@ class DynamicTokenNorm(Norm):
             raise ValueError(f"expected (B, T, {self.dim}) tokens, got {tuple(x.shape)}")
         if mask is not None and mask.shape != x.shape[:2]:
             raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(x.shape[:2])}")
+        if x.numel() == 0:  # no token (an empty batch or sequence): nothing to normalise, zero gradients
+            return x * self.weight + self.bias
         if self.grid is not None:
             return grid_prior.normalize(self, x, mask)
         return PATHS.get(self.method)(self, x, mask)

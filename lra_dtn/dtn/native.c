@@ -30,6 +30,7 @@
  * to their own row of partials, summed in batch order at the end: the result does not depend on the
  * number of threads.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +51,6 @@ enum { C = CHANNELS, H = HEADS, D = CHANNELS / HEADS };
 typedef struct {
     int64_t B, T, C, H, W, dmin;
     const double *kernel;         /* (H, W): weights exp(logit - peak) of the offsets dmin ... dmin + W - 1 */
-    const double *centre;         /* (H): where each head's pos_proj features are centred (kernel.py) */
     const float *gate_mean, *gate_var;  /* (H), before the sigmoid (gate_mean +inf: dtn_var) */
     const float *weight, *bias;   /* (C) */
     float eps;
@@ -90,8 +90,7 @@ typedef struct {
     const Params *p;
     int64_t B, T, W, dmin;
     int64_t blocks;               /* W rounded up to whole blocks of WB offsets, over WB */
-    int64_t halo;                 /* zero rows on either side of a sequence's rows: blocks * WB + |dmin| */
-    float eps;
+    int64_t halo;                 /* zero rows on either side of a sequence's rows (tables_for) */
     float *taps;                  /* (blocks * WB, CP): the kernel weight of each offset per channel, 0 past W */
     float *ktab;                  /* (W, H): the same, per head */
     float *lam_m, *lam_v;         /* (C): the gates after their sigmoid, per channel */
@@ -117,9 +116,34 @@ typedef struct {
 
 /* Each thread's memory, kept from call to call and grown when a call needs more: a fresh block of
  * megabytes would cost a page fault per 4 KiB on every call (the eager path's _Workspace, for the same
- * reason). */
-static _Thread_local float *block = NULL, *tables = NULL;
-static _Thread_local size_t capacity = 0, tables_capacity = 0;
+ * reason). Freed when its thread ends (a pthread key's destructor), as Python frees a threading.local. */
+typedef struct {
+    float *block, *tables;
+    size_t block_room, tables_room;
+} Buffers;
+
+static pthread_key_t buffers_key;
+static pthread_once_t buffers_once = PTHREAD_ONCE_INIT;
+
+static void release(void *held) {
+    Buffers *mine = held;
+    free(mine->block);
+    free(mine->tables);
+    free(mine);
+}
+
+static void make_key(void) { pthread_key_create(&buffers_key, release); }
+
+/* This thread's Buffers (empty at first); NULL if even they cannot be allocated. */
+static Buffers *buffers(void) {
+    pthread_once(&buffers_once, make_key);
+    Buffers *mine = pthread_getspecific(buffers_key);
+    if (!mine && (mine = calloc(1, sizeof *mine)) && pthread_setspecific(buffers_key, mine)) {
+        free(mine);
+        mine = NULL;
+    }
+    return mine;
+}
 
 /* *buffer with room for n floats (grown, never shrunk); NULL if it cannot be. */
 static float *grown(float **buffer, size_t *room, size_t n) {
@@ -143,8 +167,9 @@ static float *carve(float **at, size_t n) {  /* the next n floats of a block, 64
 static int workspace_for(Workspace *ws, const Shape *s) {
     const size_t T = s->T, W = s->W, rows = T + 2 * s->halo, padded = s->blocks * WB;
     const size_t need = 2 * rows * ROW + 2 * TILE * ROW + C + 2 * T * H + 2 * T + padded * CP + W * H + 6 * C + 14 * 16;
-    if (!grown(&block, &capacity, need)) return 0;
-    float *at = block;
+    Buffers *mine = buffers();
+    float *at = mine ? grown(&mine->block, &mine->block_room, need) : NULL;
+    if (!at) return 0;
     ws->v = carve(&at, rows * ROW) + s->halo * ROW; ws->g_n = carve(&at, rows * ROW) + s->halo * ROW;
     ws->n = carve(&at, TILE * ROW); ws->adj = carve(&at, TILE * ROW);
     ws->z = carve(&at, T * H); ws->g_z = carve(&at, T * H); ws->g_mu_ln = carve(&at, T); ws->g_var_ln = carve(&at, T);
@@ -165,15 +190,19 @@ static int workspace_for(Workspace *ws, const Shape *s) {
     return 1;
 }
 
-/* The call's Shape, its tables in the calling thread's memory (the other threads only read them);
- * 0 when they cannot be allocated or p is not of this library's shape. */
+/* The call's Shape, its tables in the calling thread's memory (the other threads only read them):
+ * 0, or -1 when they cannot be allocated, -2 when p is not of this library's shape. */
 static int tables_for(Shape *s, const Params *p) {
     const int64_t W = p->W, blocks = (W + WB - 1) / WB;
-    if (p->C != C || p->H != H) return 0;  /* a library built for another shape: refuse, never misread */
-    *s = (Shape){p, p->B, p->T, W, p->dmin, blocks, blocks * WB + (p->dmin < 0 ? -p->dmin : p->dmin), p->eps,
-                 NULL, NULL, NULL, NULL};
-    float *at = grown(&tables, &tables_capacity, blocks * WB * CP + W * H + 2 * C + 64);
-    if (!at) return 0;
+    if (p->C != C || p->H != H) return -2;  /* a library built for another shape: refuse, never misread */
+    /* the rows read past the sequence: sources t - dmin - w down to -(dmin + blocks WB - 1) and up to
+     * T - 1 - dmin; outputs i + dmin + w down to dmin and up to T - 2 + dmin + blocks WB */
+    int64_t halo = -p->dmin > 0 ? -p->dmin : 0;
+    if (blocks * WB + p->dmin - 1 > halo) halo = blocks * WB + p->dmin - 1;
+    *s = (Shape){p, p->B, p->T, W, p->dmin, blocks, halo, NULL, NULL, NULL, NULL};
+    Buffers *mine = buffers();
+    float *at = mine ? grown(&mine->tables, &mine->tables_room, blocks * WB * CP + W * H + 2 * C + 64) : NULL;
+    if (!at) return -1;
     s->taps = carve(&at, blocks * WB * CP); s->ktab = carve(&at, W * H); s->lam_m = carve(&at, C);
     s->lam_v = carve(&at, C);
     memset(s->taps, 0, sizeof(float) * blocks * WB * CP);
@@ -186,7 +215,7 @@ static int tables_for(Shape *s, const Params *p) {
             for (int64_t w = 0; w < W; ++w) s->taps[w * CP + c] = s->ktab[w * H + h];
         }
     }
-    return 1;
+    return 0;
 }
 
 /* A token's row of the statistics that forward saves for backward, (B, T, H + 2) in all: r of each
@@ -214,7 +243,7 @@ static void statistics(const Shape *s, const float *restrict x, float *restrict 
             q[h] = head_q;
             sum[h] = head_sum;
         }
-        for (int64_t h = 0; h < H; ++h) r[h] = 1.0f / sqrtf(q[h] * (1.0f / D) + s->eps);  /* all heads at once */
+        for (int64_t h = 0; h < H; ++h) r[h] = 1.0f / sqrtf(q[h] * (1.0f / D) + s->p->eps);  /* all heads at once */
         for (int64_t h = 0; h < H; ++h) total += r[h] * sum[h];
         const float mean = total * (1.0f / C);
         float dev = 0.0f;
@@ -245,7 +274,7 @@ static void sources(const Shape *s, const float *restrict x, const uint8_t *rest
         float *restrict v = ws->v + t * ROW;
         const float real = m ? (float)m[t] : 1.0f;
         for (int64_t c = 0; c < C; ++c) {
-            v[c] = real * rs[c] * xt[c];
+            v[c] = real != 0.0f ? rs[c] * xt[c] : 0.0f;  /* selected, not multiplied: a pad may hold inf */
             v[CP + c] = v[c] * v[c];
         }
         float z[H] = {0};
@@ -322,7 +351,7 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
                 const float var_in = spread > 0.0f ? spread : 0.0f;  /* rounding can go below 0 */
                 const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
                 const float var = lam_v[c] * var_ln + (1.0f - lam_v[c]) * var_in;
-                yt[c] = (r[c] * xt[c] - mu) / sqrtf(var + s->eps) * weight[c] + bias[c];
+                yt[c] = (r[c] * xt[c] - mu) / sqrtf(var + s->p->eps) * weight[c] + bias[c];
             }
         }
     }
@@ -393,7 +422,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
             const float spread = second - mu_in * mu_in, var_in = spread > 0.0f ? spread : 0.0f;
             const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
             const float var = lam_v[c] * var_ln + (1.0f - lam_v[c]) * var_in;
-            const float rstd = 1.0f / sqrtf(var + s->eps);
+            const float rstd = 1.0f / sqrtf(var + s->p->eps);
             const float xhat = (r[c] * xt[c] - mu) * rstd;
             g_weight[c] += gyt[c] * xhat;
             g_bias[c] += gyt[c];
@@ -406,8 +435,8 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
             g_lv[c] -= 0.5f * v * (var_ln - var_in);
             const float g_second = spread > 0.0f ? -0.5f * (1.0f - lam_v[c]) * v : 0.0f;  /* the clamp */
             const float g_mu_in = -(1.0f - lam_m[c]) * direct - 2.0f * mu_in * g_second;
-            a[c] = g_mu_in * inv[c];
-            b[c] = g_second * inv[c];
+            a[c] = inv[c] != 0.0f ? g_mu_in * inv[c] : 0.0f;  /* a pad sends nothing back, even from inf */
+            b[c] = inv[c] != 0.0f ? g_second * inv[c] : 0.0f;
             g_z[c] = -(a[c] * mu_in + b[c] * second);
         }
         for (int64_t h = 0; h < H; ++h) {
@@ -471,16 +500,18 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
         }
 }
 
-/* Entry points. Each returns 0, or -1 when p's shape is not this library's or memory for the tables or a
- * thread's workspace could not be allocated. */
+/* Entry points. Each returns 0, -1 when memory for the tables or a thread's workspace could not be
+ * allocated, or -2 when p's shape is not this library's. Threads beyond one per sequence would only
+ * allocate a workspace and wait. */
 
 /* y: (B, T, C); stats: (B, T, H + 2), what backward reads. */
 int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, float *stats) {
     Shape shape;
-    if (!tables_for(&shape, p)) return -1;
+    const int status = tables_for(&shape, p);
+    if (status) return status;
     const Shape *s = &shape;
     int failed = 0;
-    #pragma omp parallel num_threads(p->threads) reduction(|:failed)
+    #pragma omp parallel num_threads(p->threads < p->B ? p->threads : p->B) reduction(|:failed) if (p->B > 0)
     {
         Workspace ws;
         const int ready = workspace_for(&ws, s);
@@ -498,18 +529,20 @@ int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, 
 
 /* grads: (2 C + 4 H) float64, the gradients of weight (C), bias (C), gate_mean (H), gate_var (H) and
  * pos_proj.weight (H, 2): each sequence's sums, added in order of the batch (so the result does not
- * depend on the thread count); the kernel weights' gradient k dL/dk is contracted with the centred
- * features (d - c, d^2 - c^2) of the offsets in float64 (kernel.py's centred_features). */
+ * depend on the thread count); the kernel weights' gradient k dL/dk is contracted with the features
+ * (d, d^2) of the offsets in float64. (The eager path centres them on a far head's peak, see kernel.py's
+ * centred_features; the heads served here are not far, and their centre is d = 0.) */
 int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const float *stats, const float *grad_y,
                  float *grad_x, double *grads) {
     Shape shape;
-    if (!tables_for(&shape, p)) return -1;
+    const int status = tables_for(&shape, p);
+    if (status) return status;
     const Shape *s = &shape;
     const int64_t W = s->W, stride = 2 * C + 2 * H + H * W;
-    double *partials = calloc((size_t)(s->B * stride), sizeof(double));
+    double *partials = calloc((size_t)((s->B > 1 ? s->B : 1) * stride), sizeof(double));  /* B = 0: zeros */
     if (!partials) return -1;
     int failed = 0;
-    #pragma omp parallel num_threads(p->threads) reduction(|:failed)
+    #pragma omp parallel num_threads(p->threads < p->B ? p->threads : p->B) reduction(|:failed) if (p->B > 0)
     {
         Workspace ws;
         const int ready = workspace_for(&ws, s);
@@ -531,12 +564,11 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
         grads[2 * C + h] = partials[2 * C + h] * lam_m * (1.0 - lam_m);
         grads[2 * C + H + h] = partials[2 * C + H + h] * lam_v * (1.0 - lam_v);
         double g_w1 = 0.0, g_w2 = 0.0;
-        const double centre = p->centre[h];
         for (int64_t w = 0; w < W; ++w) {
             const double d = (double)(s->dmin + w);
             const double g_logit = p->kernel[h * W + w] * partials[2 * C + 2 * H + h * W + w];
-            g_w1 += g_logit * (d - centre);
-            g_w2 += g_logit * (d * d - centre * centre);
+            g_w1 += g_logit * d;
+            g_w2 += g_logit * d * d;
         }
         grads[2 * C + 2 * H + 2 * h] = g_w1;
         grads[2 * C + 2 * H + 2 * h + 1] = g_w2;
