@@ -264,6 +264,20 @@ static const float *scales(const float *restrict stats, Workspace *ws, int64_t t
     return ws->rc;
 }
 
+/* One past the sequence's last real token (T without a mask): the banded sums of the padding after it
+ * are skipped (a padded token's inter-token statistics are 0 and it is nobody's source), so a batch
+ * padded to its longest sequence pays for its real tokens. */
+static int64_t real_end(const Shape *s, const uint8_t *restrict m) {
+    int64_t end = s->T;
+    if (m)
+        while (end > 0 && !m[end - 1]) --end;
+    return end;
+}
+
+/* A window sum over its normaliser, n * inv, or 0 where inv is 0 (a padded token, whose sums may not
+ * have been computed: selected, never multiplied). */
+static inline float statistic(float n, float inv) { return inv != 0.0f ? n * inv : 0.0f; }
+
 /* One sequence's sources: v = (m xs, m xs^2) (a padded token is nobody's source), and the softmax
  * normalisers z[t, h] = sum_d k(d) m[t - d]. */
 static void sources(const Shape *s, const float *restrict x, const uint8_t *restrict m, const float *stats,
@@ -280,7 +294,7 @@ static void sources(const Shape *s, const float *restrict x, const uint8_t *rest
         float z[H] = {0};
         const int64_t lo = t - dmin - (T - 1) > 0 ? t - dmin - (T - 1) : 0;  /* the source t - dmin - w */
         const int64_t hi = t - dmin < W - 1 ? t - dmin : W - 1;             /* must lie in 0 ... T - 1 */
-        for (int64_t w = lo; w <= hi; ++w) {
+        for (int64_t w = lo; real != 0.0f && w <= hi; ++w) {  /* a pad's z is never used */
             const float source = m ? (float)m[t - dmin - w] : 1.0f;
             for (int64_t h = 0; h < H; ++h) z[h] += s->ktab[w * H + h] * source;
         }
@@ -336,9 +350,10 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
     const float *restrict weight = s->p->weight, *restrict bias = s->p->bias;
     statistics(s, x, stats, ws);
     sources(s, x, m, stats, ws);
+    const int64_t reals = real_end(s, m);
     for (int64_t first = 0; first < s->T; first += TILE) {
         const int64_t end = first + TILE < s->T ? first + TILE : s->T;
-        window_sums(s, ws, first, end);
+        if (first < reals) window_sums(s, ws, first, end < reals ? end : reals);
         for (int64_t t = first; t < end; ++t) {
             const float *restrict inv = reciprocals(m, ws, t);
             const float *restrict n1 = ws->n + (t - first) * ROW, *restrict n2 = n1 + CP;
@@ -346,7 +361,7 @@ static void forward_sequence(const Shape *s, const float *restrict x, const uint
             const float mu_ln = MU_LN(stats, t), var_ln = VAR_LN(stats, t);
             float *restrict yt = y + t * C;
             for (int64_t c = 0; c < C; ++c) {
-                const float mu_in = n1[c] * inv[c], second = n2[c] * inv[c];
+                const float mu_in = statistic(n1[c], inv[c]), second = statistic(n2[c], inv[c]);
                 const float spread = second - mu_in * mu_in;
                 const float var_in = spread > 0.0f ? spread : 0.0f;  /* rounding can go below 0 */
                 const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
@@ -402,13 +417,14 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
     memset(ws->g_taps, 0, sizeof(float) * s->blocks * WB * CP);
     memset(ws->g_ktab, 0, sizeof(float) * W * H);
     sources(s, x, m, stats, ws);
+    const int64_t reals = real_end(s, m);
 
     /* Pass 1, per output token t, a tile at a time: recompute its statistics; keep in gx the gradient
      * that reaches xs directly, G = gy w rstd, and in g_n, g_z those of the window sums (mu_in = n1 / z,
      * E[xs^2] = n2 / z); the LayerNorm statistics' gradients are per-token scalars. */
     for (int64_t t = 0; t < T; ++t) {
         const int64_t first = t / TILE * TILE;
-        if (t == first) window_sums(s, ws, first, first + TILE < T ? first + TILE : T);
+        if (t == first && first < reals) window_sums(s, ws, first, first + TILE < reals ? first + TILE : reals);
         const float *restrict inv = reciprocals(m, ws, t);
         const float *restrict n1 = ws->n + (t - first) * ROW, *restrict n2 = n1 + CP;
         const float *restrict r = scales(stats, ws, t), *restrict xt = x + t * C, *restrict gyt = gy + t * C;
@@ -418,7 +434,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
         float g_mu_ln = 0.0f, g_var_ln = 0.0f;
         #pragma omp simd reduction(+:g_mu_ln, g_var_ln)
         for (int64_t c = 0; c < C; ++c) {
-            const float mu_in = n1[c] * inv[c], second = n2[c] * inv[c];
+            const float mu_in = statistic(n1[c], inv[c]), second = statistic(n2[c], inv[c]);
             const float spread = second - mu_in * mu_in, var_in = spread > 0.0f ? spread : 0.0f;
             const float mu = lam_m[c] * mu_ln + (1.0f - lam_m[c]) * mu_in;
             const float var = lam_v[c] * var_ln + (1.0f - lam_v[c]) * var_in;
@@ -455,8 +471,8 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
      * LayerNorm statistics and the RMS pre-scaling to x. */
     for (int64_t i = 0; i < T; ++i) {
         const int64_t first = i / TILE * TILE;
-        if (i == first) {
-            const int64_t end = first + TILE < T ? first + TILE : T;
+        if (i == first && first < reals) {  /* the pad sources after the last real one get nothing back */
+            const int64_t end = first + TILE < reals ? first + TILE : reals;
             for (int64_t c0 = 0; c0 < CP; c0 += SUB)
                 for (int64_t b = 0; b < s->blocks; ++b) adjoint_block(s, ws, c0, b, first, end);
         }
@@ -476,7 +492,7 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
             #pragma omp simd reduction(+:along)
             for (int64_t c = h * D; c < (h + 1) * D; ++c) {
                 const float xs = r[h] * xi[c];
-                g[c] += real * (s1[c] + 2.0f * xs * s2[c]) + g_mean + g_dev * (xs - mu_ln);
+                g[c] += (real != 0.0f ? s1[c] + 2.0f * xs * s2[c] : 0.0f) + g_mean + g_dev * (xs - mu_ln);
                 along += g[c] * xi[c];
             }
             const float shrink = r[h] * r[h] * r[h] * (1.0f / D) * along;  /* dr/dx = -r^3 x / D */
