@@ -302,6 +302,14 @@ static void sources(const Shape *s, const float *restrict x, const uint8_t *rest
     }
 }
 
+/* A token's running pair of sums at row (and row + CP): zero before the first block of offsets, else
+ * what the blocks before b left there. */
+static inline void running(const float *row, int64_t b, lanes *first, lanes *second) {
+    const lanes zero = {0};
+    *first = b ? AT(row) : zero;
+    *second = b ? AT(row + CP) : zero;
+}
+
 /* Step 3's banded sums of one sequence for the SUB channels from c0 and the offsets of block b:
  * n[t] += sum_w k(w) v[t - dmin - w] over the block's WB offsets, both rows (the first block sets n). */
 static void band_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int64_t first, int64_t end) {
@@ -311,11 +319,8 @@ static void band_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, int
     for (int64_t t = first; t < end; ++t) {
         float *n = ws->n + (t - first) * ROW + c0;
         const float *v = ws->v + (t - shift) * ROW + c0;
-        lanes n1 = {0}, n2 = {0};
-        if (b) {
-            n1 = AT(n);
-            n2 = AT(n + CP);
-        }
+        lanes n1, n2;
+        running(n, b, &n1, &n2);
         #pragma GCC unroll 16
         for (int64_t w = 0; w < WB; ++w) {
             n1 += k[w] * AT(v - w * ROW);
@@ -386,11 +391,8 @@ static void adjoint_block(const Shape *s, Workspace *ws, int64_t c0, int64_t b, 
         float *adj = ws->adj + (i - first) * ROW + c0;
         const float *v = ws->v + i * ROW + c0, *g = ws->g_n + (i + shift) * ROW + c0;
         const lanes v1 = AT(v), v2 = AT(v + CP);
-        lanes s1 = {0}, s2 = {0};
-        if (b) {
-            s1 = AT(adj);
-            s2 = AT(adj + CP);
-        }
+        lanes s1, s2;
+        running(adj, b, &s1, &s2);
         #pragma GCC unroll 16
         for (int64_t w = 0; w < WB; ++w) {
             const lanes a = AT(g + w * ROW), e = AT(g + w * ROW + CP);
@@ -520,27 +522,55 @@ static void backward_sequence(const Shape *s, const float *restrict x, const uin
  * allocated, or -2 when p's shape is not this library's. Threads beyond one per sequence would only
  * allocate a workspace and wait. */
 
-/* y: (B, T, C); stats: (B, T, H + 2), what backward reads. */
-int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, float *stats) {
-    Shape shape;
-    const int status = tables_for(&shape, p);
-    if (status) return status;
-    const Shape *s = &shape;
+/* The arrays of one call, read by the per-sequence jobs below. */
+typedef struct {
+    const float *x, *stats, *grad_y;
+    const uint8_t *mask;
+    float *y, *out_stats, *grad_x;
+    double *partials;
+    int64_t stride;
+} Arrays;
+
+typedef void (*Job)(const Shape *s, const Arrays *a, int64_t b, Workspace *ws);
+
+/* job(b) for every sequence b, in parallel (one thread per sequence at most), each thread with its own
+ * workspace: 0, or -1 if some thread could not allocate one. */
+static int each_sequence(const Shape *s, const Arrays *a, Job job) {
+    const int64_t threads = s->p->threads < s->B ? s->p->threads : s->B;
     int failed = 0;
-    #pragma omp parallel num_threads(p->threads < p->B ? p->threads : p->B) reduction(|:failed) if (p->B > 0)
+    #pragma omp parallel num_threads(threads) reduction(|:failed) if (s->B > 0)
     {
         Workspace ws;
         const int ready = workspace_for(&ws, s);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < s->B; ++b) {
             if (ready)
-                forward_sequence(s, x + b * s->T * C, mask ? mask + b * s->T : NULL, y + b * s->T * C,
-                                 stats + b * s->T * (H + 2), &ws);
+                job(s, a, b, &ws);
             else
                 failed = 1;
         }
     }
     return failed ? -1 : 0;
+}
+
+static void forward_job(const Shape *s, const Arrays *a, int64_t b, Workspace *ws) {
+    forward_sequence(s, a->x + b * s->T * C, a->mask ? a->mask + b * s->T : NULL, a->y + b * s->T * C,
+                     a->out_stats + b * s->T * (H + 2), ws);
+}
+
+static void backward_job(const Shape *s, const Arrays *a, int64_t b, Workspace *ws) {
+    const int64_t at = b * s->T * C;
+    backward_sequence(s, a->x + at, a->mask ? a->mask + b * s->T : NULL, a->stats + b * s->T * (H + 2),
+                      a->grad_y + at, a->grad_x + at, a->partials + b * a->stride, ws);
+}
+
+/* y: (B, T, C); stats: (B, T, H + 2), what backward reads. */
+int dtn_forward(const Params *p, const float *x, const uint8_t *mask, float *y, float *stats) {
+    Shape shape;
+    const int status = tables_for(&shape, p);
+    if (status) return status;
+    const Arrays arrays = {.x = x, .mask = mask, .y = y, .out_stats = stats};
+    return each_sequence(&shape, &arrays, forward_job);
 }
 
 /* grads: (2 C + 4 H) float64, the gradients of weight (C), bias (C), gate_mean (H), gate_var (H) and
@@ -557,21 +587,9 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
     const int64_t W = s->W, stride = 2 * C + 2 * H + H * W;
     double *partials = calloc((size_t)((s->B > 1 ? s->B : 1) * stride), sizeof(double));  /* B = 0: zeros */
     if (!partials) return -1;
-    int failed = 0;
-    #pragma omp parallel num_threads(p->threads < p->B ? p->threads : p->B) reduction(|:failed) if (p->B > 0)
-    {
-        Workspace ws;
-        const int ready = workspace_for(&ws, s);
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < s->B; ++b) {
-            const int64_t at = b * s->T * C;
-            if (ready)
-                backward_sequence(s, x + at, mask ? mask + b * s->T : NULL, stats + b * s->T * (H + 2),
-                                  grad_y + at, grad_x + at, partials + b * stride, &ws);
-            else
-                failed = 1;
-        }
-    }
+    const Arrays arrays = {.x = x, .stats = stats, .grad_y = grad_y, .mask = mask, .grad_x = grad_x,
+                           .partials = partials, .stride = stride};
+    const int failed = each_sequence(s, &arrays, backward_job);
     for (int64_t b = 1; b < s->B; ++b)
         for (int64_t j = 0; j < stride; ++j) partials[j] += partials[b * stride + j];
     memcpy(grads, partials, sizeof(double) * 2 * C);  /* weight, bias */
@@ -590,5 +608,5 @@ int dtn_backward(const Params *p, const float *x, const uint8_t *mask, const flo
         grads[2 * C + 2 * H + 2 * h + 1] = g_w2;
     }
     free(partials);
-    return failed ? -1 : 0;
+    return failed;
 }
