@@ -107,13 +107,17 @@ if triton is not None:
         return lo.to(tl.int32), hi.to(tl.int32)
 
     @triton.jit
-    def _params(pos_weight, gate_mean, gate_var, h):
-        """Head ``h``'s kernel coefficients (float64) and gates (after the sigmoid)."""
+    def _head(pos_weight, gate_mean, gate_var, T, NATS: tl.constexpr):
+        """The head ``h`` (grid axis 1) and sequence ``b`` (axis 2) of this program, the head's kernel
+        coefficients (float64), gates (after the sigmoid) and support ``[lo, hi]``; axis 0 is the tile."""
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         w1 = tl.load(pos_weight + 2 * h).to(tl.float64)
         w2 = tl.load(pos_weight + 2 * h + 1).to(tl.float64)
         lam_m = 1.0 / (1.0 + tl.exp(-tl.load(gate_mean + h).to(tl.float32)))
         lam_v = 1.0 / (1.0 + tl.exp(-tl.load(gate_var + h).to(tl.float32)))
-        return w1, w2, lam_m, lam_v
+        lo, hi = _support(w1, w2, T, NATS)
+        return h, b, w1, w2, lam_m, lam_v, lo, hi
 
     @triton.jit
     def _load_tokens(x, mask, b, h, rows, inside, T, C, D, eps, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -218,10 +222,7 @@ if triton is not None:
                  DOT: tl.constexpr):
         """``y`` of one tile of tokens of one head of one sequence."""
         j0 = tl.program_id(0) * BLOCK
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
-        lo, hi = _support(w1, w2, T, NATS)
+        h, b, w1, w2, lam_m, lam_v, lo, hi = _head(pos_weight, gate_mean, gate_var, T, NATS)
         sum1, sum2, z, _, xs, _, real = _inter_token(x, mask, b, h, j0, j0, j0 + BLOCK, T, C, D, w1, w2, lo, hi,
                                                      eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
         rows = j0 + tl.arange(0, BLOCK)
@@ -298,10 +299,7 @@ if triton is not None:
         its own); the gate gradients per program."""
         tile = tl.program_id(0)
         j0 = tile * BLOCK
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
-        lo, hi = _support(w1, w2, T, NATS)
+        h, b, w1, w2, lam_m, lam_v, lo, hi = _head(pos_weight, gate_mean, gate_var, T, NATS)
         _, _, _, _, g_mu, g_var, mu_in, var_in, _, _, _, _, _, m_ln, v_ln = _output_gradients(
             x, mask, grad_y, weight, mu_ln, var_ln, b, h, j0, j0, j0 + BLOCK, T, C, D, w1, w2, lo, hi, lam_m, lam_v,
             eps, HAS_MASK, BLOCK, BLOCK_D, DOT)
@@ -324,10 +322,7 @@ if triton is not None:
         than the ``x`` and ``grad_y`` they are recomputed from (see :func:`traffic_bytes`)."""
         tile = tl.program_id(0)
         i0 = tile * BLOCK
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        w1, w2, lam_m, lam_v = _params(pos_weight, gate_mean, gate_var, h)
-        lo, hi = _support(w1, w2, T, NATS)
+        h, b, w1, w2, lam_m, lam_v, lo, hi = _head(pos_weight, gate_mean, gate_var, T, NATS)
         sources = i0 + tl.arange(0, BLOCK)
         cols = tl.arange(0, BLOCK_D)
         inside = sources < T
