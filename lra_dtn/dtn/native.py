@@ -97,11 +97,11 @@ def build(channels: int, heads: int) -> ctypes.CDLL | NativeUnavailable:
     except (OSError, subprocess.CalledProcessError) as error:
         return NativeUnavailable(f"the C compiler {' '.join(compiler)!r} does not run: {error}")
     shape = [f"-DCHANNELS={channels}", f"-DHEADS={heads}"]
+    built_from = [SOURCE.read_text(), *compiler, version, _cpu_identity()]  # read once, not per flag set
     errors = []
     for flags in FLAG_SETS:
         command = [*flags, *shape, *COMMON_FLAGS]
-        identity = [SOURCE.read_text(), *compiler, version, *command, _cpu_identity()]
-        key = hashlib.sha256("\0".join(identity).encode()).hexdigest()
+        key = hashlib.sha256("\0".join([*built_from, *command]).encode()).hexdigest()
         path = cache_dir() / f"dtn-c{channels}-h{heads}-{key[:20]}.so"
         if not path.exists():
             try:
